@@ -1,0 +1,314 @@
+"""Build a tiny, randomly initialised Stable-Diffusion-1.x pipeline offline.
+
+The saved folder has the same layout as a hub SD-1.x repo, so the trainer can be
+pointed at it with --pretrained_model_name_or_path for fast CPU tests.
+
+    python tools/make_tiny_pipeline.py --output_dir /tmp/tiny-sd [--seed 0]
+"""
+
+import argparse
+import collections
+import json
+import os
+import re
+import shutil
+import tempfile
+
+import torch
+
+# Small built-in caption corpus: the BPE merges are learned from it so that common
+# caption words become single tokens, like in the real CLIP vocabulary.
+CORPUS = """
+a dog sitting on the grass
+a tabby cat looking at the camera
+a cup of coffee on a wooden table
+home office with a desk, a chair and a computer
+a smiling astronaut in an orange spacesuit next to a flag
+a rocket on a launch pad at night
+a man filming with a camera on a tripod in a park
+a red motorcycle parked in a garage
+old silver coins on a black background
+the surface of the moon with craters
+a close up photo of green grass
+a pile of gray gravel
+a brick wall seen from an angle
+thousands of colorful galaxies in deep space
+a microscope image of stained tissue
+a photograph of the retina of an eye
+a scanned page of a book with printed text
+handwritten equations on a stone floor
+a blurry photo of a clock on the wall
+a black and white photo of a city street
+a beautiful landscape with mountains and a lake at sunset
+a portrait of a young woman with long hair
+an old man reading a newspaper in the kitchen
+two children playing with a ball in the garden
+a bowl of fresh fruit on the kitchen table
+a small house in the forest covered with snow
+a bird sitting on a branch of a tree
+a white horse running on the beach
+a bicycle leaning against a yellow wall
+a plate of pasta with tomato sauce and cheese
+a modern living room with a sofa and a lamp
+a street at night with cars and lights
+a boat on the river under a blue sky
+a painting of flowers in a vase
+a close up of a dog with brown eyes
+a cat sleeping on a bed next to the window
+a laptop and a cup of tea on a desk
+a city skyline with tall buildings
+an aerial view of a green field and a road
+a person walking in the rain with an umbrella
+a high resolution photo, sharp details, best quality
+a low resolution, blurry, noisy picture
+a photo of a dog playing in the snow
+the interior of a bright office with plants
+a wooden chair in an empty room
+a train crossing a bridge over the valley
+a group of people standing in front of a building
+a sandwich on a white plate
+a glass of water on the table
+a sunset over the ocean with waves
+"""
+
+BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+# Same word split as CLIP's pre-tokenizer, restricted to the ASCII corpus above.
+WORD_RE = re.compile(r"'s|'t|'re|'ve|'m|'ll|'d|[a-z]+|[0-9]|[^\sa-z0-9]+")
+
+
+def bytes_to_unicode():
+    """GPT-2/CLIP map from the 256 bytes to printable unicode symbols."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def learn_bpe(text, num_merges):
+    byte_map = bytes_to_unicode()
+    words = collections.Counter()
+    for w in WORD_RE.findall(text.lower()):
+        sym = [byte_map[b] for b in w.encode("utf-8")]
+        sym[-1] += "</w>"
+        words[tuple(sym)] += 1
+
+    merges = []
+    for _ in range(num_merges):
+        pairs = collections.Counter()
+        for word, freq in words.items():
+            for pair in zip(word, word[1:]):
+                pairs[pair] += freq
+        if not pairs:
+            break
+        # Ties broken lexicographically so the vocabulary is reproducible. Pairs seen once
+        # are merged too (whole rare words become tokens) to reach a few hundred merges.
+        best = min(pairs, key=lambda p: (-pairs[p], p))
+        merges.append(best)
+        merged = collections.Counter()
+        for word, freq in words.items():
+            out, i = [], 0
+            while i < len(word):
+                if i + 1 < len(word) and (word[i], word[i + 1]) == best:
+                    out.append(word[i] + word[i + 1])
+                    i += 2
+                else:
+                    out.append(word[i])
+                    i += 1
+            merged[tuple(out)] += freq
+        words = merged
+
+    symbols = list(byte_map.values())
+    # CLIP's id order: bytes, bytes+</w>, merges, then the two special tokens last
+    # (CLIPTextModel's legacy pooling takes argmax(input_ids) as the EOS position).
+    vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges] + [BOS, EOS]
+    return {tok: i for i, tok in enumerate(vocab)}, merges
+
+
+def write_bpe_files(directory, num_merges=400):
+    vocab, merges = learn_bpe(CORPUS, num_merges)
+    with open(os.path.join(directory, "vocab.json"), "w", encoding="utf-8") as f:
+        json.dump(vocab, f, ensure_ascii=False)
+    with open(os.path.join(directory, "merges.txt"), "w", encoding="utf-8") as f:
+        f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+
+
+def build_tokenizer():
+    from transformers import CLIPTokenizer
+
+    tmp = tempfile.mkdtemp()
+    try:
+        write_bpe_files(tmp)
+        return CLIPTokenizer.from_pretrained(tmp, model_max_length=77)
+    finally:
+        shutil.rmtree(tmp)
+
+
+def build_pipeline(seed=0):
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tokenizer = build_tokenizer()
+
+    # Each component is seeded on its own so changing one leaves the others unchanged.
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            hidden_size=32,
+            intermediate_size=37,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            projection_dim=32,
+            vocab_size=len(tokenizer),
+            max_position_embeddings=77,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    ).eval()
+
+    torch.manual_seed(seed + 1)
+    # Four levels -> three downsamplers -> 8x, like the SD VAE.
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(16, 16, 32, 32),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=64,
+    )
+
+    torch.manual_seed(seed + 2)
+    unet = UNet2DConditionModel(
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=2,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=(2, 4),
+        norm_num_groups=32,
+    )
+
+    # from_config keeps set_alpha_to_one (not a DDPM argument) in the saved config, as in
+    # hub SD-1.x repos, so DDIM/PNDM built from it behave like the real thing.
+    scheduler = DDPMScheduler.from_config(
+        dict(
+            num_train_timesteps=1000,
+            beta_start=0.00085,
+            beta_end=0.012,
+            beta_schedule="scaled_linear",
+            prediction_type="epsilon",
+            clip_sample=False,
+            set_alpha_to_one=False,
+            steps_offset=1,
+        )
+    )
+
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def save_pipeline(output_dir, seed=0):
+    pipe = build_pipeline(seed)
+    pipe.save_pretrained(output_dir)
+    # transformers 5 saves only tokenizer.json; the raw BPE files let transformers 4.x
+    # build its slow CLIPTokenizer (use_fast=False) from the same folder.
+    write_bpe_files(os.path.join(output_dir, "tokenizer"))
+    return output_dir
+
+
+def verify(model_dir):
+    """Load every part the way the trainer does and run the shapes it relies on."""
+    from diffusers import (
+        AutoencoderKL,
+        ControlNetModel,
+        DDPMScheduler,
+        StableDiffusionControlNetPipeline,
+        UNet2DConditionModel,
+    )
+    from PIL import Image
+    from transformers import AutoTokenizer, CLIPTextModel, CLIPTokenizer
+
+    tok_auto = AutoTokenizer.from_pretrained(model_dir, subfolder="tokenizer", use_fast=False)
+    tokenizer = CLIPTokenizer.from_pretrained(model_dir, subfolder="tokenizer")
+    text_encoder = CLIPTextModel.from_pretrained(model_dir, subfolder="text_encoder")
+    vae = AutoencoderKL.from_pretrained(model_dir, subfolder="vae")
+    unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet")
+    scheduler = DDPMScheduler.from_pretrained(model_dir, subfolder="scheduler")
+    assert text_encoder.config.architectures == ["CLIPTextModel"]
+    assert scheduler.config.prediction_type == "epsilon"
+
+    texts = ["", "a dog sitting on the grass", "Ünïcödé café — 猫 🐶 ", "home office " * 60]
+    for tok in (tok_auto, tokenizer):
+        ids = tok(texts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
+        assert ids.shape == (len(texts), 77) and int(ids.max()) < text_encoder.config.vocab_size, ids.shape
+        assert torch.equal(ids, tokenizer(texts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids)
+
+    with torch.no_grad():
+        hidden = text_encoder(ids)[0]
+        latents = vae.encode(torch.randn(2, 3, 64, 64)).latent_dist.sample()
+        assert latents.shape == (2, 4, 8, 8), latents.shape
+        assert vae.decode(latents).sample.shape == (2, 3, 64, 64)
+
+        controlnet = ControlNetModel.from_unet(unet)
+        t = torch.tensor([10, 500])
+        down, mid = controlnet(
+            latents, t, encoder_hidden_states=hidden[:2], controlnet_cond=torch.rand(2, 3, 64, 64), return_dict=False
+        )
+        pred = unet(
+            latents, t, encoder_hidden_states=hidden[:2], down_block_additional_residuals=down, mid_block_additional_residual=mid
+        ).sample
+        assert pred.shape == latents.shape
+
+    pipe = StableDiffusionControlNetPipeline.from_pretrained(model_dir, controlnet=controlnet, safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    image = pipe(
+        "a dog sitting on the grass",
+        image=Image.new("RGB", (64, 64), (90, 140, 60)),
+        num_inference_steps=2,
+        height=64,
+        width=64,
+        generator=torch.Generator().manual_seed(0),
+    ).images[0]
+    assert image.size == (64, 64)
+    return type(tok_auto).__name__, tok_auto.is_fast
+
+
+def dir_size(path):
+    return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(path) for f in fs)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--skip_verify", action="store_true", help="do not reload and run the saved pipeline")
+    args = parser.parse_args()
+
+    save_pipeline(args.output_dir, args.seed)
+    if not args.skip_verify:
+        name, fast = verify(args.output_dir)
+        print(f"verified: tokenizer {name} (is_fast={fast}), 64x64 image -> 4x8x8 latents, ControlNet+UNet, 2-step pipeline")
+    print(f"{os.path.abspath(args.output_dir)}: {dir_size(args.output_dir) / 2**20:.2f} MB")
+
+
+if __name__ == "__main__":
+    main()
