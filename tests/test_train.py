@@ -122,10 +122,17 @@ def test_two_ranks_bf16_with_validation(tiny_model, shards, tmp_path):
     assert os.path.isfile(os.path.join(out, "diffusion_pytorch_model.safetensors"))
 
 
-def test_gradient_accumulation_counts_optimisation_steps(tiny_model, shards, tmp_path):
+def test_gradient_accumulation_counts_optimisation_steps_and_token_stays_secret(tiny_model, shards, tmp_path):
     out = str(tmp_path / "out")
+    secret = "hf_DoNotLeakThisToken123"
     proc = run_cli(base_args(tiny_model, shards, out, max_train_steps=2, gradient_accumulation_steps=2,
-                             checkpointing_steps=1, lr_scheduler="linear", lr_warmup_steps=0), cwd=tmp_path)
+                             checkpointing_steps=1, lr_scheduler="linear", lr_warmup_steps=0, hub_token=secret),
+                   cwd=tmp_path)
     assert_ok(proc)
     assert checkpoints(out) == ["checkpoint-1", "checkpoint-2"]
     assert logged_steps(out) == [1, 2]
+    # The hub token reaches neither the log, nor tensorboard's hparams, nor the model card.
+    assert secret not in proc.log
+    for path in glob.glob(os.path.join(out, "**", "*"), recursive=True):
+        if os.path.isfile(path):
+            assert secret.encode() not in open(path, "rb").read(), path
