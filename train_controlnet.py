@@ -8,15 +8,20 @@ training image itself, downsampled to `--condition_resolution` and upsampled bac
 """
 
 import argparse
+import collections
+import contextlib
 import gc
 import io
 import itertools
+import json
 import logging
 import math
 import os
 import random
 import re
 import shutil
+import signal
+import time
 from datetime import timedelta
 from functools import partial
 from pathlib import Path
@@ -244,6 +249,45 @@ def parse_args(input_args=None):
         help="The project name passed to Accelerator.init_trackers (the wandb project).",
     )
     parser.add_argument(
+        "--logging_steps",
+        type=int,
+        default=10,
+        help="Log loss (averaged over the interval and the ranks), lr, grad norm, throughput, data wait and data"
+        " skip counts every X steps. Also how often a stop signal (SIGTERM/SIGUSR1) is checked.",
+    )
+    parser.add_argument(
+        "--num_holdout_samples",
+        type=int,
+        default=8,
+        help="Samples taken from the start of the first shard(s), held out from training, and evaluated at every"
+        " validation: condition | output | ground truth grids, the condition-use gap and condition PSNR. 0 disables.",
+    )
+    parser.add_argument(
+        "--min_image_size",
+        type=int,
+        default=None,
+        help="Skip images whose original short side (json original_width/height, else the decoded size) is below"
+        " this. Off by default; set it to --resolution to train only on real high-resolution targets.",
+    )
+    parser.add_argument(
+        "--max_aspect_ratio",
+        type=float,
+        default=None,
+        help="Skip images whose original long/short side ratio is above this (off by default).",
+    )
+    parser.add_argument(
+        "--max_pwatermark",
+        type=float,
+        default=None,
+        help="Skip samples whose LAION json pwatermark is above this (off by default; a missing field keeps the sample).",
+    )
+    parser.add_argument(
+        "--max_punsafe",
+        type=float,
+        default=None,
+        help="Skip samples whose LAION json punsafe is above this (off by default; a missing field keeps the sample).",
+    )
+    parser.add_argument(
         "--ddp_timeout",
         type=int,
         default=7200,
@@ -267,7 +311,8 @@ def check_args(args, error):
         error("--proportion_empty_prompts must be in the range [0, 1]")
     if args.max_train_steps is None and args.max_train_samples is None:
         error("set --max_train_steps or --max_train_samples: a stream of shards has no length of its own")
-    for name in ("train_batch_size", "gradient_accumulation_steps", "checkpointing_steps", "validation_steps"):
+    for name in ("train_batch_size", "gradient_accumulation_steps", "checkpointing_steps", "validation_steps",
+                 "logging_steps"):
         if getattr(args, name) < 1:
             error(f"--{name} must be >= 1")
     if args.max_train_steps is not None and args.max_train_steps < 1:
@@ -276,6 +321,10 @@ def check_args(args, error):
         error("--checkpoints_total_limit must be >= 1")
     if args.dataloader_num_workers < 0:
         error("--dataloader_num_workers must be >= 0")
+    if args.num_holdout_samples < 0:
+        error("--num_holdout_samples must be >= 0")
+    if args.max_aspect_ratio is not None and args.max_aspect_ratio < 1:
+        error("--max_aspect_ratio must be >= 1")
     if (args.validation_prompt is None) != (args.validation_image is None):
         error("--validation_prompt and --validation_image must be given together")
     if args.validation_image is not None:
@@ -289,9 +338,13 @@ def check_args(args, error):
         error("--hub_token cannot be used with --report_to=wandb (it would expose the token); use `hf auth login`")
     if args.mixed_precision == "fp16" and not torch.cuda.is_available():
         error("--mixed_precision=fp16 needs a CUDA GPU; use --mixed_precision=no or bf16 on this machine")
+    if args.num_holdout_samples == 1:
+        error("--num_holdout_samples must be 0 or >= 2 (the condition-use gap compares samples' conditions)")
     if args.resume_from_checkpoint not in (None, "latest"):
-        if resolve_checkpoint(args.resume_from_checkpoint, args.output_dir) is None:
-            error(f"--resume_from_checkpoint: no checkpoint at {args.resume_from_checkpoint}")
+        try:
+            resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)
+        except ValueError as exn:
+            error(f"--resume_from_checkpoint: {exn}")
     urls = wds.shardlists.expand_urls(args.train_shards_path_or_url)
     local = [u.removeprefix("file:") for u in urls if not u.startswith("pipe:") and "://" not in u]
     if urls and len(local) == len(urls) and not any(os.path.isfile(u) for u in local):
@@ -300,6 +353,23 @@ def check_args(args, error):
 
 # ----------------------------------------------------------------------------------------------------------------
 # Tile pairs: one place that turns an image into (target, condition), used by training and validation alike
+
+
+class SkipSample(Exception):
+    """A sample that cannot or should not be trained on; `reason` names its counter."""
+
+    def __init__(self, reason, detail=""):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+
+
+# Counters of one process (the main process or one dataloader worker). Each batch carries a copy, so the training
+# process sums the latest copy of every worker and the ranks sum theirs at logging time.
+SKIP_REASONS = (
+    "missing_shard", "tar_error", "no_image", "empty_image", "decode_error", "too_large", "too_small",
+    "filtered_min_size", "filtered_aspect", "filtered_watermark", "filtered_unsafe",
+)
+DATA_STATS = collections.Counter()
 
 
 def square_crop(image, size, interpolation, rng=None):
@@ -324,19 +394,46 @@ def to_rgb(image):
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA"):
+        rgba = image.convert("RGBA")
         background = Image.new("RGB", image.size, (255, 255, 255))
-        background.paste(image.convert("RGBA"), mask=image.convert("RGBA").getchannel("A"))
+        background.paste(rgba, mask=rgba.getchannel("A"))
         return background
     return image.convert("RGB")
 
 
-def decode_image(data, resolution):
-    """Decode image bytes to RGB, refusing decompression bombs from their header alone."""
-    image = Image.open(io.BytesIO(data))
-    if image.width * image.height > Image.MAX_IMAGE_PIXELS:
-        raise ValueError(f"image of {image.width}x{image.height} px is over PIL's limit")
-    image.draft("RGB", (resolution, resolution))  # JPEG only: decode at 1/2..1/8 scale when that is still enough
-    return to_rgb(image)
+def check_metadata(meta, width, height, args):
+    """LAION/img2dataset filters, off unless set. Sizes are the original ones where the json has them."""
+    ow = meta.get("original_width") or width
+    oh = meta.get("original_height") or height
+    if args.min_image_size is not None and min(ow, oh) < args.min_image_size:
+        raise SkipSample("filtered_min_size", f"{ow}x{oh}")
+    if args.max_aspect_ratio is not None and max(ow, oh) / max(1, min(ow, oh)) > args.max_aspect_ratio:
+        raise SkipSample("filtered_aspect", f"{ow}x{oh}")
+    # A missing or null score means "unknown": keep the sample (diffusers' filter drops it, stalling training).
+    if args.max_pwatermark is not None and (meta.get("pwatermark") or 0) > args.max_pwatermark:
+        raise SkipSample("filtered_watermark", str(meta.get("pwatermark")))
+    if args.max_punsafe is not None and (meta.get("punsafe") or 0) > args.max_punsafe:
+        raise SkipSample("filtered_unsafe", str(meta.get("punsafe")))
+
+
+def decode_image(data, meta, args):
+    """Image bytes -> RGB PIL image, with every check that can be made from the header done before decoding."""
+    if not data:
+        raise SkipSample("empty_image")
+    try:
+        image = Image.open(io.BytesIO(data))
+    except Exception as exn:
+        raise SkipSample("decode_error", repr(exn))
+    if image.width * image.height > Image.MAX_IMAGE_PIXELS:  # PIL only warns up to 2x this: never decode a bomb
+        raise SkipSample("too_large", f"{image.width}x{image.height}")
+    if min(image.size) < args.condition_resolution:
+        raise SkipSample("too_small", f"{image.width}x{image.height}")
+    check_metadata(meta, image.width, image.height, args)
+    image.draft("RGB", (args.resolution, args.resolution))  # JPEG: decode at 1/2..1/8 scale when still big enough
+    try:
+        return to_rgb(image)
+    except Exception as exn:  # truncated or corrupt data surfaces only when the pixels are decoded
+        raise SkipSample("decode_error", repr(exn))
 
 
 def image_to_tensor(image):
@@ -344,18 +441,25 @@ def image_to_tensor(image):
     return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1).contiguous()
 
 
-def make_tile_pair(sample, tokenizer, resolution, condition_resolution, interpolation, proportion_empty_prompts):
-    """One raw webdataset sample -> model inputs: target in [-1, 1], condition in [0, 1], caption token ids."""
+def make_tile_pair(sample, tokenizer, args, rng=None):
+    """One raw webdataset sample -> model inputs: target in [-1, 1], condition in [0, 1], caption token ids.
+
+    `rng` draws the crop and the caption drop; without it the crop is centred and the caption kept (held-out data).
+    """
     image_key = next((k for k in IMAGE_KEYS if k in sample), None)
     if image_key is None:
-        raise ValueError(f"sample {sample.get('__key__')} has no image ({', '.join(IMAGE_KEYS)})")
+        raise SkipSample("no_image", sample.get("__key__", "?"))
+    try:
+        meta = json.loads(sample["json"]) if "json" in sample else {}
+    except ValueError:
+        meta = {}  # the metadata is optional; a broken json only loses the filters' extra knowledge
     caption_key = next((k for k in CAPTION_KEYS if k in sample), None)
     caption = sample[caption_key].decode("utf-8", errors="replace").strip() if caption_key else ""
-    if random.random() < proportion_empty_prompts:
+    if rng is not None and rng.random() < args.proportion_empty_prompts:
         caption = ""
-    filt = INTERPOLATIONS[interpolation]
-    target = square_crop(decode_image(sample[image_key], resolution), resolution, filt, rng=random)
-    condition = tile_condition(target, condition_resolution, filt)
+    filt = INTERPOLATIONS[args.interpolation]
+    target = square_crop(decode_image(sample[image_key], meta, args), args.resolution, filt, rng=rng)
+    condition = tile_condition(target, args.condition_resolution, filt)
     input_ids = tokenizer(
         caption, max_length=tokenizer.model_max_length, padding="max_length", truncation=True, return_tensors="pt"
     ).input_ids[0]
@@ -364,15 +468,20 @@ def make_tile_pair(sample, tokenizer, resolution, condition_resolution, interpol
         "conditioning_pixel_values": image_to_tensor(condition),
         "input_ids": input_ids,
         "key": sample["__key__"],
+        "caption": caption,
     }
 
 
 def collate_fn(examples):
+    rank, _, worker, num_workers = wds.utils.pytorch_worker_info()
     return {
         "pixel_values": torch.stack([e["pixel_values"] for e in examples]),
         "conditioning_pixel_values": torch.stack([e["conditioning_pixel_values"] for e in examples]),
         "input_ids": torch.stack([e["input_ids"] for e in examples]),
         "keys": [e["key"] for e in examples],
+        "captions": [e["caption"] for e in examples],
+        "consumer": rank * num_workers + worker,
+        "data_stats": dict(DATA_STATS),
     }
 
 
@@ -380,54 +489,80 @@ def collate_fn(examples):
 # Data pipeline
 
 
-def warn_and_continue(exn):
-    logger.warning(f"skipping bad data: {exn!r}")
+def count_skip(exn):
+    """wds handler for tile-pair failures: count by reason, tell the log about the first of each kind."""
+    reason = exn.reason if isinstance(exn, SkipSample) else "decode_error"
+    if DATA_STATS[reason] == 0:
+        logger.warning(f"skipping sample ({exn}); further '{reason}' skips are only counted")
+    DATA_STATS[reason] += 1
     return True
 
 
-def consumer_samples(urls, seed, start_step):
-    """Endless, shuffled stream of raw samples for this (rank, dataloader worker).
+def read_shard(url):
+    """Raw samples of one shard. A missing or broken shard is counted once and reading goes on with the next."""
+    errors = {}
 
-    Shards are dealt round-robin to the ranks x workers consumers; with fewer shards than consumers every consumer
-    reads all shards and keeps every N-th sample instead. Each consumer cycles through its part forever, so every
-    rank can run the same number of steps and none waits on another that ran dry. Each cycle is one pass: shard
-    order and the shuffle buffer are renewed per cycle, so no sample repeats within a pass. The seed includes the
-    step the run (re)started from, so a resumed run does not replay the samples it began with.
+    def on_error(exn):
+        reason = "missing_shard" if isinstance(exn, FileNotFoundError) else "tar_error"
+        errors.setdefault(reason, exn)
+        return True
+
+    yield from wds.tarfile_samples([{"url": url}], handler=on_error)
+    for reason, exn in errors.items():
+        DATA_STATS[reason] += 1
+        logger.warning(f"{reason}: {url}: {exn!r}")
+
+
+def shuffled_pass(urls, rng, holdout_keys=frozenset(), stride=1, offset=0):
+    """One pass over the raw samples of `urls` in an rng-drawn shard order, through an rng-seeded shuffle buffer.
+
+    `stride`/`offset` keep every stride-th sample (consumers sharing shards); held-out keys never reach training.
+    """
+    samples = itertools.chain.from_iterable(read_shard(u) for u in rng.sample(urls, len(urls)))
+    samples = itertools.islice(samples, offset, None, stride)
+    samples = (s for s in samples if s["__key__"] not in holdout_keys)
+    return wds.shuffle(SHUFFLE_BUFFER, initial=SHUFFLE_BUFFER // 10, rng=rng)(samples)
+
+
+def consumer_samples(urls, seed, holdout_keys, start_positions):
+    """Endless stream of raw samples for this (rank, dataloader worker).
+
+    Shards are dealt round-robin to the ranks x workers consumers; with fewer shards than consumers (or when a
+    consumer's own shards are all unreadable) it reads all shards and keeps every N-th sample instead. Each consumer
+    cycles through its part forever, one shuffled pass per cycle, so every rank can run the same number of steps
+    and none waits on another that ran dry. A resumed run passes the number of raw samples each consumer had used
+    (`start_positions`); the stream skips that many undecoded, so it continues exactly where it stopped.
     """
     rank, world_size, worker, num_workers = wds.utils.pytorch_worker_info()
     consumers, me = world_size * num_workers, rank * num_workers + worker
+    skip = start_positions[me] if start_positions is not None and len(start_positions) == consumers else 0
     by_shard = len(urls) >= consumers
-    mine = urls[me::consumers] if by_shard else list(urls)
     for cycle in itertools.count():
-        # In by-sample mode all consumers must read in the same order, so `me` stays out of that seed.
-        rng = random.Random(f"{seed}-{start_step}-{cycle}-{me if by_shard else 'all'}")
-        order = rng.sample(mine, len(mine))
-        samples = wds.tarfile_samples([{"url": u} for u in order], handler=warn_and_continue)
-        if not by_shard:
-            samples = (s for i, s in enumerate(samples) if i % consumers == me)
-        used = 0
-        for sample in wds.shuffle(SHUFFLE_BUFFER, initial=SHUFFLE_BUFFER // 10, rng=rng)(samples):
-            used += 1
-            yield sample
-        if used == 0:
-            raise RuntimeError(f"no readable sample in the shards of consumer {me}: {order[:3]}...")
+        # When consumers share shards they must all read them in the same order, so `me` stays out of that seed.
+        rng = random.Random(f"{seed}-{cycle}-{me if by_shard else 'all'}")
+        part = (urls[me::consumers], 1, 0) if by_shard else (urls, consumers, me)
+        read = 0
+        for sample in shuffled_pass(part[0], rng, holdout_keys, stride=part[1], offset=part[2]):
+            read += 1
+            DATA_STATS["samples_read"] += 1
+            if DATA_STATS["samples_read"] > skip:
+                yield sample
+        if read == 0 and by_shard:
+            logger.warning(f"consumer {me} (rank {rank}, worker {worker}) found no readable sample in its own shards:"
+                           f" it now takes every {consumers}-th sample of all shards")
+            by_shard = False
+        elif read == 0:
+            raise RuntimeError(f"no readable sample in any shard for consumer {me}")
 
 
-def make_train_dataloader(args, tokenizer, start_step=0):
+def make_train_dataloader(args, tokenizer, holdout_keys=frozenset(), start_positions=None):
     """open_clip-style pipeline: this consumer's shuffled raw samples -> tile pairs -> batches."""
     urls = wds.shardlists.expand_urls(args.train_shards_path_or_url)
     seed = 0 if args.seed is None else args.seed
-    to_pair = partial(
-        make_tile_pair,
-        tokenizer=tokenizer,
-        resolution=args.resolution,
-        condition_resolution=args.condition_resolution,
-        interpolation=args.interpolation,
-        proportion_empty_prompts=args.proportion_empty_prompts,
-    )
+    rank = wds.utils.pytorch_worker_info()[0]
     pipeline = wds.DataPipeline(
-        partial(consumer_samples, urls, seed, start_step),
-        wds.map(to_pair, handler=warn_and_continue),
+        partial(consumer_samples, urls, seed, frozenset(holdout_keys), start_positions),
+        wds.map(partial(make_tile_pair, tokenizer=tokenizer, args=args, rng=random), handler=count_skip),
         wds.batched(args.train_batch_size, collation_fn=collate_fn, partial=False),
     )
     return torch.utils.data.DataLoader(
@@ -437,7 +572,41 @@ def make_train_dataloader(args, tokenizer, start_step=0):
         pin_memory=torch.cuda.is_available(),
         persistent_workers=args.dataloader_num_workers > 0,
         prefetch_factor=4 if args.dataloader_num_workers > 0 else None,
+        # Worker seeds come from this generator, not the global RNG, so building the loader never shifts the
+        # training noise and a resumed run draws exactly what an uninterrupted one would.
+        generator=torch.Generator().manual_seed(seed * 1000 + rank),
     )
+
+
+def load_holdout(args, tokenizer):
+    """The first usable samples of the shard list, centre-cropped: the held-out batch (None if 0 are asked for).
+
+    Read by every rank, at start-up: their keys are excluded from training everywhere, and a spec with no usable
+    sample at all stops the run here with one clear error instead of hanging or failing inside a worker.
+    """
+    wanted = max(1, args.num_holdout_samples)
+    examples = []
+    urls = wds.shardlists.expand_urls(args.train_shards_path_or_url)
+    for sample in itertools.chain.from_iterable(read_shard(u) for u in urls):
+        try:
+            examples.append(make_tile_pair(sample, tokenizer, args))
+        except SkipSample:
+            continue
+        if len(examples) == wanted:
+            break
+    skipped = {k: v for k, v in DATA_STATS.items() if v}
+    DATA_STATS.clear()  # reading the held-out samples is not training
+    if not examples:
+        raise SystemExit(f"error: no usable sample in --train_shards_path_or_url={args.train_shards_path_or_url}"
+                         f" (skipped: {skipped})")
+    if args.num_holdout_samples == 0:
+        return None
+    if len(examples) < 2:
+        raise SystemExit(f"error: --num_holdout_samples={args.num_holdout_samples} but the shards hold only"
+                         f" {len(examples)} usable sample(s); use --num_holdout_samples=0")
+    if len(examples) < wanted:
+        logger.warning(f"only {len(examples)} of --num_holdout_samples={wanted} usable samples could be held out")
+    return collate_fn(examples)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -445,6 +614,8 @@ def make_train_dataloader(args, tokenizer, start_step=0):
 
 
 def validation_pairs(args):
+    if args.validation_image is None:
+        return []
     images, prompts = args.validation_image, args.validation_prompt
     if len(images) == 1:
         images = images * len(prompts)
@@ -460,6 +631,12 @@ def validation_condition(path, args):
     return tile_condition(image, args.condition_resolution, filt)
 
 
+def tensor_to_image(tensor, low=0.0):
+    """CHW float tensor in [low, 1] -> PIL RGB."""
+    array = ((tensor.float().cpu() - low) / (1 - low)).clamp(0, 1).permute(1, 2, 0).numpy()
+    return Image.fromarray((array * 255).round().astype(np.uint8))
+
+
 def image_grid(rows):
     """rows: lists of equally sized PIL images -> one image, one row per list."""
     w, h = rows[0][0].size
@@ -470,8 +647,99 @@ def image_grid(rows):
     return grid
 
 
+def psnr(a, b, cap=100.0):
+    """PSNR in dB between two same-sized PIL images (capped: identical images would be infinite)."""
+    mse = np.mean((np.asarray(a, np.float64) / 255 - np.asarray(b, np.float64) / 255) ** 2)
+    return cap if mse == 0 else min(cap, 10 * math.log10(1.0 / mse))
+
+
+def controlnet_loss(vae, text_encoder, unet, controlnet, noise_scheduler, pixel_values, conditions, input_ids,
+                    weight_dtype, timesteps=None, generator=None):
+    """The training objective, per sample: MSE of the UNet+ControlNet prediction against the noise (or v) target.
+
+    With a `generator` and `timesteps` the latents' posterior sample and the noise are fixed, so two calls that
+    differ only in their conditions are comparable (the condition-use gap).
+    """
+    latents = vae.encode(pixel_values.to(dtype=weight_dtype)).latent_dist.sample(generator)
+    latents = latents * vae.config.scaling_factor
+    noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+    if timesteps is None:
+        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device)
+    noisy_latents = noise_scheduler.add_noise(latents.float(), noise.float(), timesteps).to(dtype=weight_dtype)
+    encoder_hidden_states = text_encoder(input_ids, return_dict=False)[0]
+    down_block_res_samples, mid_block_res_sample = controlnet(
+        noisy_latents,
+        timesteps,
+        encoder_hidden_states=encoder_hidden_states,
+        controlnet_cond=conditions.to(dtype=weight_dtype),
+        return_dict=False,
+    )
+    model_pred = unet(
+        noisy_latents,
+        timesteps,
+        encoder_hidden_states=encoder_hidden_states,
+        down_block_additional_residuals=[s.to(dtype=weight_dtype) for s in down_block_res_samples],
+        mid_block_additional_residual=mid_block_res_sample.to(dtype=weight_dtype),
+        return_dict=False,
+    )[0]
+    if noise_scheduler.config.prediction_type == "epsilon":
+        target = noise
+    elif noise_scheduler.config.prediction_type == "v_prediction":
+        target = noise_scheduler.get_velocity(latents, noise, timesteps)
+    else:
+        raise ValueError(f"Unknown prediction type {noise_scheduler.config.prediction_type}")
+    return F.mse_loss(model_pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+
+
+HOLDOUT_REPEATS = 4  # noise draws per held-out sample, at timesteps spread over the whole schedule
+
+
+def condition_use(models, noise_scheduler, holdout, weight_dtype, device, seed):
+    """Held-out denoising loss with the true conditions and with conditions rolled across the batch.
+
+    Same latents, noise and timesteps for both, so their gap measures how much the prediction uses the condition:
+    ~0 while the ControlNet ignores it, growing once it follows it.
+    """
+    vae, text_encoder, unet, controlnet = models
+    n = holdout["pixel_values"].shape[0]
+    pixel_values = holdout["pixel_values"].to(device).repeat(HOLDOUT_REPEATS, 1, 1, 1)
+    conditions = holdout["conditioning_pixel_values"].to(device)
+    input_ids = holdout["input_ids"].to(device).repeat(HOLDOUT_REPEATS, 1)
+    timesteps = torch.linspace(0, noise_scheduler.config.num_train_timesteps - 1, n * HOLDOUT_REPEATS, device=device)
+    timesteps = timesteps.long()[torch.randperm(n * HOLDOUT_REPEATS, generator=torch.Generator().manual_seed(seed)).to(device)]
+    losses = {}
+    for name, conds in (("true", conditions), ("rolled", conditions.roll(1, dims=0))):
+        generator = torch.Generator(device=device).manual_seed(seed)
+        with torch.no_grad():
+            losses[name] = controlnet_loss(
+                vae, text_encoder, unet, controlnet, noise_scheduler, pixel_values,
+                conds.repeat(HOLDOUT_REPEATS, 1, 1, 1), input_ids, weight_dtype, timesteps, generator,
+            ).mean().item()
+    return losses["true"], losses["rolled"]
+
+
+def log_images(accelerator, tag, images, step):
+    """Send [(PIL image, caption)] of equal sizes to every tracker."""
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_images(tag, np.stack([np.asarray(im) for im, _ in images]), step, dataformats="NHWC")
+        elif tracker.name == "wandb":
+            import wandb
+
+            tracker.log({tag: [wandb.Image(im, caption=caption) for im, caption in images]}, step=step)
+        else:
+            logger.warning(f"image logging not implemented for {tracker.name}")
+
+
+def log_metrics(accelerator, metrics, step, output_dir):
+    """Metrics to every tracker and to output_dir/metrics.jsonl, which needs no tracker to plot (see tools/)."""
+    accelerator.log(metrics, step=step)
+    with open(os.path.join(output_dir, "metrics.jsonl"), "a") as f:
+        f.write(json.dumps({"step": step, **metrics}) + "\n")
+
+
 def log_validation(vae, text_encoder, tokenizer, unet, controlnet, noise_scheduler, args, accelerator, weight_dtype,
-                   step, is_final_validation=False):
+                   step, holdout=None, is_final_validation=False):
     from diffusers import ControlNetModel, StableDiffusionControlNetPipeline, UniPCMultistepScheduler
 
     logger.info(f"Running validation at step {step}...")
@@ -493,45 +761,58 @@ def log_validation(vae, text_encoder, tokenizer, unet, controlnet, noise_schedul
         requires_safety_checker=False,
     )
     pipeline.set_progress_bar_config(disable=True)
-    generator = torch.Generator(device=accelerator.device).manual_seed(0 if args.seed is None else args.seed)
-
-    image_logs = []
-    for path, prompt in validation_pairs(args):
-        condition = validation_condition(path, args)
-        with torch.no_grad():
-            images = pipeline(
-                [prompt] * args.num_validation_images,
-                condition,
-                num_inference_steps=20,
-                generator=generator,
-                height=args.resolution,
-                width=args.resolution,
-            ).images
-        image_logs.append({"validation_image": condition, "images": images, "validation_prompt": prompt})
-
-    grid = image_grid([[log["validation_image"]] + log["images"] for log in image_logs])
+    seed = 0 if args.seed is None else args.seed
+    generate = partial(pipeline, num_inference_steps=20, height=args.resolution, width=args.resolution)
+    prefix = "test" if is_final_validation else "validation"
     grid_dir = Path(args.output_dir, "validation")
     grid_dir.mkdir(parents=True, exist_ok=True)
-    grid.save(grid_dir / (f"final-{step:06d}.png" if is_final_validation else f"step-{step:06d}.png"))
+    name = f"{'final' if is_final_validation else 'step'}-{step:06d}.png"
 
-    tracker_key = "test" if is_final_validation else "validation"
-    for tracker in accelerator.trackers:
-        if tracker.name == "tensorboard":
-            for log in image_logs:
-                stack = np.stack([np.asarray(im) for im in [log["validation_image"]] + log["images"]])
-                tracker.writer.add_images(f"{tracker_key}/{log['validation_prompt']}", stack, step, dataformats="NHWC")
-        elif tracker.name == "wandb":
-            import wandb
+    image_logs = []
+    for i, (path, prompt) in enumerate(validation_pairs(args)):
+        condition = validation_condition(path, args)
+        generator = torch.Generator(device=accelerator.device).manual_seed(seed)
+        with torch.no_grad():
+            images = generate([prompt] * args.num_validation_images, condition, generator=generator).images
+        image_logs.append({"validation_image": condition, "images": images, "validation_prompt": prompt})
+        log_images(accelerator, f"{prefix}/{i}: {prompt}", [(condition, "condition")] + [(im, prompt) for im in images], step)
+    if image_logs:
+        image_grid([[log["validation_image"]] + log["images"] for log in image_logs]).save(grid_dir / name)
 
-            formatted = []
-            for log in image_logs:
-                formatted.append(wandb.Image(log["validation_image"], caption="ControlNet tile condition"))
-                formatted.extend(wandb.Image(im, caption=log["validation_prompt"]) for im in log["images"])
-            tracker.log({tracker_key: formatted}, step=step)
-        else:
-            logger.warning(f"image logging not implemented for {tracker.name}")
+    if holdout is not None:
+        loss_true, loss_rolled = condition_use(
+            (vae, text_encoder, unet, controlnet), noise_scheduler, holdout, weight_dtype, accelerator.device, seed
+        )
+        conditions = [tensor_to_image(c) for c in holdout["conditioning_pixel_values"]]
+        targets = [tensor_to_image(t, low=-1.0) for t in holdout["pixel_values"]]
+        generator = torch.Generator(device=accelerator.device).manual_seed(seed)
+        with torch.no_grad():
+            outputs = generate(holdout["captions"], conditions, generator=generator).images
+        # Fidelity to the condition: the output reduced to the condition resolution against the target reduced
+        # the same way; the same against another sample's condition is the control.
+        filt, size = INTERPOLATIONS[args.interpolation], (args.condition_resolution,) * 2
+        small_out = [im.resize(size, filt) for im in outputs]
+        small_target = [im.resize(size, filt) for im in targets]
+        rolled_target = small_target[-1:] + small_target[:-1]
+        metrics = {
+            "holdout/loss": loss_true,
+            "holdout/loss_rolled_condition": loss_rolled,
+            "holdout/condition_gap": loss_rolled - loss_true,
+            "holdout/condition_psnr": float(np.mean([psnr(o, t) for o, t in zip(small_out, small_target)])),
+            "holdout/condition_psnr_rolled": float(np.mean([psnr(o, t) for o, t in zip(small_out, rolled_target)])),
+        }
+        log_metrics(accelerator, metrics, step, args.output_dir)
+        logger.info(
+            f"held-out at step {step}: loss {loss_true:.4f}, with rolled conditions {loss_rolled:.4f},"
+            f" condition-use gap {metrics['holdout/condition_gap']:+.4f}; condition PSNR"
+            f" {metrics['holdout/condition_psnr']:.2f} dB (rolled control {metrics['holdout/condition_psnr_rolled']:.2f} dB)"
+        )
+        rows = [list(row) for row in zip(conditions, outputs, targets)]
+        grid = image_grid(rows)
+        grid.save(grid_dir / f"holdout-{name}")
+        log_images(accelerator, f"{prefix}/holdout: condition | output | ground truth", [(grid, "held-out samples")], step)
 
-    del pipeline
+    del pipeline, controlnet
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -541,40 +822,94 @@ def log_validation(vae, text_encoder, tokenizer, unet, controlnet, noise_schedul
 # ----------------------------------------------------------------------------------------------------------------
 # Checkpoints
 
+DATA_STATE = "data_state.json"
+
 
 def list_checkpoints(output_dir):
-    """Complete checkpoints in output_dir as [(step, path)], oldest first. Other names are ignored."""
+    """Checkpoint directories in output_dir as [(step, path)], oldest first. Other names are ignored."""
     if not os.path.isdir(output_dir):
         return []
     found = [(int(m.group(1)), os.path.join(output_dir, d)) for d in os.listdir(output_dir) if (m := CHECKPOINT_RE.match(d))]
     return sorted(found)
 
 
-def resolve_checkpoint(spec, output_dir):
-    """'latest' or a path (or a checkpoint name inside output_dir) -> (step, path), or None."""
-    if spec == "latest":
-        checkpoints = list_checkpoints(output_dir)
-        return checkpoints[-1] if checkpoints else None
-    for path in (spec, os.path.join(output_dir, spec)):
-        m = CHECKPOINT_RE.match(os.path.basename(os.path.normpath(path)))
-        if m and os.path.isdir(path):
-            return int(m.group(1)), path
+def checkpoint_problem(path):
+    """Why `path` is not a complete, readable checkpoint of this script (None if it is). Reads headers only."""
+    from safetensors import safe_open
+
+    try:
+        with open(os.path.join(path, "controlnet", "config.json")) as f:
+            json.load(f)
+        with safe_open(os.path.join(path, "controlnet", "diffusion_pytorch_model.safetensors"), "pt") as f:
+            f.keys()
+        for name in ("optimizer.bin", "scheduler.bin", "random_states_0.pkl"):
+            with open(os.path.join(path, name), "rb") as f:
+                if f.read(4) != b"PK\x03\x04":  # torch.save's zip container
+                    return f"{name} is not a torch checkpoint file"
+        if os.path.exists(os.path.join(path, DATA_STATE)):  # absent in checkpoints of upstream's script
+            with open(os.path.join(path, DATA_STATE)) as f:
+                json.load(f)
+    except Exception as exn:
+        return f"{type(exn).__name__}: {exn}"
     return None
 
 
-def save_checkpoint(accelerator, args, step):
-    """Write checkpoint-N under a temporary name and rename it when complete, then prune old ones."""
+def resolve_checkpoint(spec, output_dir):
+    """--resume_from_checkpoint -> (step, path), or None for 'latest' with no usable checkpoint.
+
+    'latest' is the newest complete checkpoint; incomplete, foreign or unreadable ones are skipped with a warning.
+    An explicit path (or checkpoint name in output_dir) must be a valid checkpoint: ValueError otherwise.
+    """
+    if spec == "latest":
+        for step, path in reversed(list_checkpoints(output_dir)):
+            problem = checkpoint_problem(path)
+            if problem is None:
+                return step, path
+            logger.warning(f"ignoring {path}: not a usable checkpoint ({problem})")
+        return None
+    path = spec if os.path.isdir(spec) else os.path.join(output_dir, spec)
+    m = CHECKPOINT_RE.match(os.path.basename(os.path.normpath(path)))
+    if not (m and os.path.isdir(path)):
+        raise ValueError(f"no checkpoint-N directory at {spec}")
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        raise ValueError(f"{path} is not a usable checkpoint ({problem})")
+    return int(m.group(1)), path
+
+
+def save_checkpoint(accelerator, args, step, data_positions):
+    """Every rank: write checkpoint-N under a temporary name; rank 0 renames it once complete, then prunes.
+
+    A crash or kill at any moment leaves either the previous checkpoints alone or the new one complete.
+    """
     final = os.path.join(args.output_dir, f"checkpoint-{step}")
     partial_path = os.path.join(args.output_dir, f".checkpoint-{step}.partial")
+    if accelerator.is_main_process:
+        shutil.rmtree(partial_path, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(partial_path)  # rank 0 writes model/optimizer/scheduler, each rank its RNG state
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        with open(os.path.join(partial_path, DATA_STATE), "w") as f:
+            json.dump({"step": step, "samples_read": data_positions}, f)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(partial_path, final)
+        logger.info(f"Saved state to {final}")
+        if args.checkpoints_total_limit is not None:
+            for _, old in list_checkpoints(args.output_dir)[: -args.checkpoints_total_limit]:
+                logger.info(f"removing checkpoint {old} (--checkpoints_total_limit={args.checkpoints_total_limit})")
+                shutil.rmtree(old)
+
+
+def save_final_model(controlnet, output_dir):
+    """save_pretrained into a temporary folder, then move each file into place: never a half-written model file."""
+    partial_path = os.path.join(output_dir, ".final.partial")
     shutil.rmtree(partial_path, ignore_errors=True)
-    accelerator.save_state(partial_path)
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(partial_path, final)
-    logger.info(f"Saved state to {final}")
-    if args.checkpoints_total_limit is not None:
-        for _, old in list_checkpoints(args.output_dir)[: -args.checkpoints_total_limit]:
-            logger.info(f"removing checkpoint {old} (--checkpoints_total_limit={args.checkpoints_total_limit})")
-            shutil.rmtree(old)
+    controlnet.save_pretrained(partial_path)
+    for name in os.listdir(partial_path):
+        os.replace(os.path.join(partial_path, name), os.path.join(output_dir, name))
+    os.rmdir(partial_path)
+    logger.info(f"Saved the ControlNet to {output_dir}")
 
 
 def save_model_card(output_dir, base_model, image_logs=None, repo_id=None):
@@ -625,17 +960,23 @@ def enable_xformers(models, device):
         return False
 
 
-def load_models(args):
-    from diffusers import AutoencoderKL, ControlNetModel, DDPMScheduler, UNet2DConditionModel
-    from transformers import AutoTokenizer, CLIPTextModel
+def load_tokenizer(args):
+    from transformers import AutoTokenizer
 
-    common = dict(revision=args.revision, cache_dir=args.cache_dir)
-    tokenizer = AutoTokenizer.from_pretrained(
+    return AutoTokenizer.from_pretrained(
         args.tokenizer_name or args.pretrained_model_name_or_path,
         subfolder=None if args.tokenizer_name else "tokenizer",
-        use_fast=False,
-        **common,
+        revision=args.revision,
+        cache_dir=args.cache_dir,
+        use_fast=False,  # as upstream; transformers 5 always gives the fast one (see TOKENIZERS_PARALLELISM above)
     )
+
+
+def load_models(args):
+    from diffusers import AutoencoderKL, ControlNetModel, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    common = dict(revision=args.revision, cache_dir=args.cache_dir)
     noise_scheduler = DDPMScheduler.from_pretrained(args.pretrained_model_name_or_path, subfolder="scheduler", **common)
     text_encoder = CLIPTextModel.from_pretrained(
         args.pretrained_model_name_or_path, subfolder="text_encoder", variant=args.variant, **common
@@ -650,11 +991,123 @@ def load_models(args):
     else:
         logger.info("Initializing controlnet weights from unet")
         controlnet = ControlNetModel.from_unet(unet)
-    return tokenizer, noise_scheduler, text_encoder, vae, unet, controlnet
+    return noise_scheduler, text_encoder, vae, unet, controlnet
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Training
+
+
+STAT_KEYS = ("samples_read",) + SKIP_REASONS
+
+
+class DataProgress:
+    """This rank's data counters: the latest copy carried by a batch of each of its consumers (see collate_fn)."""
+
+    def __init__(self, accelerator, num_workers, start_positions=None):
+        self.per_rank = max(1, num_workers)
+        self.mine = range(accelerator.process_index * self.per_rank, (accelerator.process_index + 1) * self.per_rank)
+        self.consumers = accelerator.num_processes * self.per_rank
+        self.start = start_positions
+        self.latest = {}
+        self.last_totals = {}
+        self.reported = None
+
+    def update(self, batch):
+        self.latest[batch["consumer"]] = batch["data_stats"]
+
+    def local_totals(self):
+        return {k: sum(stats.get(k, 0) for stats in self.latest.values()) for k in STAT_KEYS}
+
+    def positions(self, accelerator):
+        """Raw samples each consumer of the job has used: where a resumed run continues (collective)."""
+        local = torch.zeros(self.consumers, dtype=torch.float64, device=accelerator.device)
+        for c in self.mine:
+            default = self.start[c] if self.start else 0  # a worker that has not delivered since the resume
+            local[c] = self.latest.get(c, {}).get("samples_read", default)
+        return [int(x) for x in accelerator.reduce(local, "sum").tolist()]
+
+    def report(self, totals, final=False):
+        """One log line whenever the skip counts change, and a summary at the end."""
+        skips = {k: int(v) for k, v in totals.items() if k != "samples_read" and v}
+        if not final and skips == self.reported:
+            return
+        self.reported = skips
+        summary = ", ".join(f"{k}={v}" for k, v in skips.items()) or "none"
+        read = int(totals.get("samples_read", 0))
+        logger.info(f"{'Data summary' if final else 'data'}: {read} samples read by all ranks and workers; skipped: {summary}")
+
+
+class IntervalMeter:
+    """Sums over one logging interval, kept on the device so that only logging syncs with the host."""
+
+    def __init__(self, device):
+        self.device = device
+        self.reset()
+
+    def reset(self):
+        self.loss = torch.zeros((), device=self.device)
+        self.grad_norm = torch.zeros((), device=self.device)
+        self.steps = 0
+        self.data_wait = 0.0
+        self.excluded = 0.0
+        self.start = time.perf_counter()
+
+    @contextlib.contextmanager
+    def waiting_for_data(self):
+        t = time.perf_counter()
+        yield
+        self.data_wait += time.perf_counter() - t
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Time spent checkpointing or validating is not training time."""
+        t = time.perf_counter()
+        yield
+        self.excluded += time.perf_counter() - t
+
+    def add(self, micro_loss, grad_norm):
+        self.loss += micro_loss.float()
+        if grad_norm is not None:  # an optimisation step
+            self.grad_norm += grad_norm.detach().float()
+            self.steps += 1
+
+    def collect(self, accelerator, local_stats, stop_signal, samples_per_step):
+        """Reduce the interval over ranks (one collective) -> (metrics, data counters, stop reason or None)."""
+        elapsed = max(1e-9, time.perf_counter() - self.start - self.excluded)
+        values = torch.stack([
+            self.loss.double(), self.grad_norm.double(),
+            *torch.tensor([self.steps, self.data_wait / elapsed, elapsed, stop_signal is not None], dtype=torch.float64),
+            *torch.tensor([local_stats[k] for k in STAT_KEYS], dtype=torch.float64),
+        ]).to(accelerator.device)
+        loss, grad_norm, steps, wait_share, elapsed, stops, *stats = accelerator.reduce(values, "sum").tolist()
+        ranks = accelerator.num_processes
+        steps, elapsed = steps / ranks, elapsed / ranks
+        metrics = {
+            "loss": loss / (steps * ranks),
+            "grad_norm": grad_norm / (steps * ranks),
+            "step_time_s": elapsed / steps,
+            "images_per_s": samples_per_step * steps / elapsed,
+            "data_wait_share": wait_share / ranks,
+        }
+        self.reset()
+        stop = stop_signal or ("a stop signal on another rank" if stops else None)
+        return metrics, dict(zip(STAT_KEYS, stats)), stop
+
+
+def install_stop_handler():
+    """SIGTERM / SIGUSR1 (SLURM, spot preemption) only set a flag, checked at logging steps by all ranks at once.
+
+    Installed before the dataloader forks its workers, so that a signal sent to every process leaves them running.
+    """
+    received = []
+
+    def handler(signum, frame):
+        received.append(signal.Signals(signum).name)
+
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, handler)
+    return lambda: received[0] if received else None
 
 
 def main(args):
@@ -689,9 +1142,12 @@ def main(args):
     if args.seed is not None:
         set_seed(args.seed, device_specific=True)  # otherwise every rank draws the same crops, noise and timesteps
 
+    repo_id = None
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
-        repo_id = None
+        for stale in Path(args.output_dir).glob(".checkpoint-*.partial"):  # left by a run killed mid-save
+            logger.warning(f"removing incomplete checkpoint {stale}")
+            shutil.rmtree(stale)
         if args.push_to_hub:
             from huggingface_hub import create_repo
 
@@ -699,7 +1155,9 @@ def main(args):
                 repo_id=args.hub_model_id or Path(args.output_dir).name, exist_ok=True, token=args.hub_token
             ).repo_id
 
-    tokenizer, noise_scheduler, text_encoder, vae, unet, controlnet = load_models(args)
+    tokenizer = load_tokenizer(args)
+    holdout = load_holdout(args, tokenizer)  # also proves, before the models load, that the shards hold data
+    noise_scheduler, text_encoder, vae, unet, controlnet = load_models(args)
 
     def unwrap_model(model):
         model = accelerator.unwrap_model(model)
@@ -787,7 +1245,7 @@ def main(args):
         tracker_config = {k: v for k, v in vars(args).items() if k not in ("hub_token", "validation_prompt", "validation_image")}
         accelerator.init_trackers(args.tracker_project_name, config=tracker_config)
 
-    global_step = 0
+    global_step, data_positions = 0, None
     if args.resume_from_checkpoint:
         found = resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)
         if found is None:
@@ -796,11 +1254,21 @@ def main(args):
             global_step, path = found
             accelerator.print(f"Resuming from checkpoint {path}")
             accelerator.load_state(path)
+            if os.path.exists(os.path.join(path, DATA_STATE)):
+                with open(os.path.join(path, DATA_STATE)) as f:
+                    data_positions = json.load(f)["samples_read"]
+            consumers = accelerator.num_processes * max(1, args.dataloader_num_workers)
+            if data_positions is None or len(data_positions) != consumers:
+                logger.warning("the checkpoint's data position does not fit this run's ranks x workers: the data"
+                               " stream starts over (samples seen before may repeat)")
+                data_positions = None
 
     # The loader is kept out of accelerator.prepare: each rank reads its own shards (see consumer_samples) instead
     # of rank 0 reading for everyone and broadcasting.
-    train_dataloader = make_train_dataloader(args, tokenizer, start_step=global_step)
+    signal_name = install_stop_handler()
+    train_dataloader = make_train_dataloader(args, tokenizer, holdout["keys"] if holdout else (), data_positions)
     batches = iter(train_dataloader)
+    progress = DataProgress(accelerator, args.dataloader_num_workers, data_positions)
 
     logger.info("***** Running training *****")
     logger.info(f"  Shards = {len(wds.shardlists.expand_urls(args.train_shards_path_or_url))}")
@@ -812,89 +1280,77 @@ def main(args):
     if global_step >= args.max_train_steps:
         logger.info(f"Checkpoint is already at step {global_step} >= --max_train_steps; no more training steps")
 
+    def validate(step, controlnet_to_use, is_final_validation=False):
+        return log_validation(
+            vae, text_encoder, tokenizer, unet, controlnet_to_use, noise_scheduler, args, accelerator, weight_dtype,
+            step, holdout, is_final_validation,
+        )
+
     progress_bar = tqdm(
         range(args.max_train_steps),
         initial=global_step,
         desc="Steps",
         disable=not accelerator.is_local_main_process,  # once per machine
     )
+    meter = IntervalMeter(accelerator.device)
+    stopped_by = None
     image_logs = None
     while global_step < args.max_train_steps:
-        batch = next(batches)
+        with meter.waiting_for_data():
+            batch = next(batches)
+        progress.update(batch)
         with accelerator.accumulate(controlnet):
-            pixel_values = batch["pixel_values"].to(accelerator.device, dtype=weight_dtype, non_blocking=True)
-            latents = vae.encode(pixel_values).latent_dist.sample() * vae.config.scaling_factor
-
-            noise = torch.randn_like(latents)
-            bsz = latents.shape[0]
-            timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (bsz,), device=latents.device)
-            noisy_latents = noise_scheduler.add_noise(latents.float(), noise.float(), timesteps).to(dtype=weight_dtype)
-
-            encoder_hidden_states = text_encoder(batch["input_ids"].to(accelerator.device), return_dict=False)[0]
-            controlnet_image = batch["conditioning_pixel_values"].to(accelerator.device, dtype=weight_dtype)
-
-            down_block_res_samples, mid_block_res_sample = controlnet(
-                noisy_latents,
-                timesteps,
-                encoder_hidden_states=encoder_hidden_states,
-                controlnet_cond=controlnet_image,
-                return_dict=False,
-            )
-            model_pred = unet(
-                noisy_latents,
-                timesteps,
-                encoder_hidden_states=encoder_hidden_states,
-                down_block_additional_residuals=[s.to(dtype=weight_dtype) for s in down_block_res_samples],
-                mid_block_additional_residual=mid_block_res_sample.to(dtype=weight_dtype),
-                return_dict=False,
-            )[0]
-
-            if noise_scheduler.config.prediction_type == "epsilon":
-                target = noise
-            elif noise_scheduler.config.prediction_type == "v_prediction":
-                target = noise_scheduler.get_velocity(latents, noise, timesteps)
-            else:
-                raise ValueError(f"Unknown prediction type {noise_scheduler.config.prediction_type}")
-            loss = F.mse_loss(model_pred.float(), target.float(), reduction="mean")
-
+            loss = controlnet_loss(
+                vae, text_encoder, unet, controlnet, noise_scheduler,
+                batch["pixel_values"].to(accelerator.device, non_blocking=True),
+                batch["conditioning_pixel_values"].to(accelerator.device, non_blocking=True),
+                batch["input_ids"].to(accelerator.device, non_blocking=True),
+                weight_dtype,
+            ).mean()
             accelerator.backward(loss)
+            grad_norm = None
             if accelerator.sync_gradients:
-                accelerator.clip_grad_norm_(controlnet.parameters(), args.max_grad_norm)
+                grad_norm = accelerator.clip_grad_norm_(controlnet.parameters(), args.max_grad_norm)
             optimizer.step()
             lr_scheduler.step()
             optimizer.zero_grad(set_to_none=args.set_grads_to_none)
+        meter.add(loss.detach() / args.gradient_accumulation_steps, grad_norm)
 
         if not accelerator.sync_gradients:
             continue
         progress_bar.update(1)
         global_step += 1
 
-        if accelerator.is_main_process:
-            if global_step % args.checkpointing_steps == 0:
-                save_checkpoint(accelerator, args, global_step)
-            if args.validation_prompt is not None and global_step % args.validation_steps == 0:
-                image_logs = log_validation(
-                    vae, text_encoder, tokenizer, unet, unwrap_model(controlnet), noise_scheduler, args,
-                    accelerator, weight_dtype, global_step,
-                )
-
-        logs = {"loss": loss.detach().item(), "lr": lr_scheduler.get_last_lr()[0]}
-        progress_bar.set_postfix(**logs)
-        accelerator.log({**logs, "epoch": global_step // num_update_steps_per_epoch}, step=global_step)
+        if global_step % args.logging_steps == 0 or global_step == args.max_train_steps:
+            # The one host sync of the interval: losses, grad norms, data counters and stop requests of all ranks.
+            logs, stats, stopped_by = meter.collect(accelerator, progress.local_totals(), signal_name(), samples_per_step)
+            progress.last_totals = stats
+            logs["lr"] = lr_scheduler.get_last_lr()[0]
+            logs["epoch"] = global_step // num_update_steps_per_epoch
+            progress_bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")
+            if accelerator.is_main_process:
+                log_metrics(accelerator, {**logs, **{f"data/{k}": v for k, v in stats.items()}}, global_step, args.output_dir)
+                progress.report(stats)
+        with meter.paused():
+            if global_step % args.checkpointing_steps == 0 or stopped_by:
+                save_checkpoint(accelerator, args, global_step, progress.positions(accelerator))
+            if accelerator.is_main_process and global_step % args.validation_steps == 0 and (args.validation_prompt or holdout):
+                image_logs = validate(global_step, unwrap_model(controlnet))
+        if stopped_by:
+            logger.warning(f"{stopped_by} received: stopped at step {global_step} after saving checkpoint-{global_step};"
+                           " run the same command with --resume_from_checkpoint=latest to continue")
+            break
     progress_bar.close()
+    if accelerator.is_main_process:
+        progress.report(progress.last_totals, final=True)
 
     accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        unwrap_model(controlnet).save_pretrained(args.output_dir)
-        logger.info(f"Saved the ControlNet to {args.output_dir}")
-
+    if accelerator.is_main_process and not stopped_by:
+        save_final_model(unwrap_model(controlnet), args.output_dir)
         image_logs = None
-        if args.validation_prompt is not None:
+        if args.validation_prompt is not None or holdout is not None:
             # Validate what was written to disk, so a broken save shows up here rather than in the user's hands.
-            image_logs = log_validation(
-                vae, text_encoder, tokenizer, unet, ControlNetModel.from_pretrained(args.output_dir), noise_scheduler, args,
-                accelerator, weight_dtype, global_step, is_final_validation=True,
-            )
+            image_logs = validate(global_step, ControlNetModel.from_pretrained(args.output_dir), is_final_validation=True)
         save_model_card(args.output_dir, args.pretrained_model_name_or_path, image_logs, repo_id)
         if args.push_to_hub:
             from huggingface_hub import upload_folder
@@ -903,7 +1359,7 @@ def main(args):
                 repo_id=repo_id,
                 folder_path=args.output_dir,
                 commit_message="End of training",
-                ignore_patterns=["step_*", "epoch_*", "checkpoint-*", ".checkpoint-*", "logs/*"],
+                ignore_patterns=["step_*", "epoch_*", "checkpoint-*", ".*", "logs/*"],
                 token=args.hub_token,
             )
 

@@ -41,7 +41,7 @@ def test_help_lists_every_reference_flag():
         (["--validation_prompt", "x", "--validation_image", "/nope.png"], "--validation_image not found: /nope.png"),
         (["--proportion_empty_prompts=1.5"], "--proportion_empty_prompts must be in the range [0, 1]"),
         (["--report_to=wandb", "--hub_token=hf_secret"], "--hub_token cannot be used with --report_to=wandb"),
-        (["--resume_from_checkpoint=/nope/checkpoint-7"], "--resume_from_checkpoint: no checkpoint at /nope/checkpoint-7"),
+        (["--resume_from_checkpoint=/nope/checkpoint-7"], "--resume_from_checkpoint: no checkpoint-N directory at /nope/checkpoint-7"),
         (["--mixed_precision=fp16"], "--mixed_precision=fp16 needs a CUDA GPU"),
     ],
 )

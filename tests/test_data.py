@@ -27,8 +27,15 @@ def first_sample(shard_spec):
     return next(iter(tc.wds.tarfile_samples([{"url": url}])))
 
 
-def pair(sample, tokenizer, proportion_empty_prompts=0.0, interpolation="bicubic"):
-    return tc.make_tile_pair(sample, tokenizer, RES, COND, interpolation, proportion_empty_prompts)
+def tile_args(**overrides):
+    """The argparse namespace the data path reads, as parse_args would make it."""
+    return tc.parse_args(["--train_shards_path_or_url=pipe:true", "--max_train_steps=1", f"--resolution={RES}",
+                          f"--condition_resolution={COND}", *[f"--{k}={v}" for k, v in overrides.items()]])
+
+
+def pair(sample, tokenizer, proportion_empty_prompts=0.0, interpolation="bicubic", rng=random):
+    args = tile_args(proportion_empty_prompts=proportion_empty_prompts, interpolation=interpolation)
+    return tc.make_tile_pair(sample, tokenizer, args, rng=rng)
 
 
 def box_reduce(chw, size):
@@ -108,10 +115,9 @@ def test_validation_image_reduced_like_training(tmp_path):
 
 
 def loader_args(shards, workers, batch_size=4):
-    return SimpleNamespace(
-        train_shards_path_or_url=shards, seed=0, resolution=RES, condition_resolution=COND, interpolation="bicubic",
-        proportion_empty_prompts=0.0, train_batch_size=batch_size, dataloader_num_workers=workers,
-    )
+    args = tile_args(seed=0, train_batch_size=batch_size, dataloader_num_workers=workers)
+    args.train_shards_path_or_url = shards
+    return args
 
 
 def shard_keys(spec):
@@ -152,4 +158,4 @@ def test_missing_shard_is_skipped_with_a_warning(shards, tokenizer, caplog):
     batches = iter(tc.make_train_dataloader(loader_args(spec, 0), tokenizer))
     keys = [k for _ in range(20) for k in next(batches)["keys"]]
     assert len(keys) == 80
-    assert "skipping bad data" in caplog.text and "00005.tar" in caplog.text
+    assert "missing_shard: " in caplog.text and "00005.tar" in caplog.text

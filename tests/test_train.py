@@ -19,7 +19,7 @@ def base_args(tiny_model, shards, output_dir, **overrides):
     flags = {
         "pretrained_model_name_or_path": tiny_model, "output_dir": output_dir, "train_shards_path_or_url": shards,
         "resolution": 64, "condition_resolution": 16, "train_batch_size": 2, "learning_rate": 1e-4, "seed": 0,
-        "max_train_steps": 4, "report_to": "tensorboard", "mixed_precision": "no",
+        "max_train_steps": 4, "report_to": "tensorboard", "mixed_precision": "no", "logging_steps": 1,
         **overrides,
     }
     return [f"--{k}={v}" for k, v in flags.items() if v is not None]

@@ -1,20 +1,33 @@
-"""Build a tiny, randomly initialised Stable-Diffusion-1.x pipeline offline.
+"""Build a tiny Stable-Diffusion-1.x pipeline offline.
 
 The saved folder has the same layout as a hub SD-1.x repo, so the trainer can be
 pointed at it with --pretrained_model_name_or_path for fast CPU tests.
 
     python tools/make_tiny_pipeline.py --output_dir /tmp/tiny-sd [--seed 0]
+
+By default the weights are random: enough to prove plumbing, never learning. With
+--trained the VAE and then the UNet are trained for a few CPU-minutes on crops of the
+scikit-image photos, so that a ControlNet trained on top visibly follows its condition:
+
+    python tools/make_tiny_pipeline.py --output_dir /tmp/tiny-sd --trained [--vae_steps N --unet_steps M]
+        [--vae_minutes 4 --unet_minutes 4]
 """
 
 import argparse
 import collections
 import json
+import math
 import os
+import random
 import re
 import shutil
 import tempfile
+import time
 
+import numpy as np
 import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 # Small built-in caption corpus: the BPE merges are learned from it so that common
 # caption words become single tokens, like in the real CLIP vocabulary.
@@ -226,13 +239,175 @@ def build_pipeline(seed=0):
     )
 
 
-def save_pipeline(output_dir, seed=0):
-    pipe = build_pipeline(seed)
+def write_pipeline(pipe, output_dir):
     pipe.save_pretrained(output_dir)
     # transformers 5 saves only tokenizer.json; the raw BPE files let transformers 4.x
     # build its slow CLIPTokenizer (use_fast=False) from the same folder.
     write_bpe_files(os.path.join(output_dir, "tokenizer"))
     return output_dir
+
+
+def save_pipeline(output_dir, seed=0):
+    return write_pipeline(build_pipeline(seed), output_dir)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Trained mode. A random VAE's latents are ~95% posterior noise that no condition can predict, so a ControlNet
+# trained on a random base cannot show learning. A VAE trained to reconstruct, then a UNet trained to denoise its
+# latents, give a base on which a ControlNet tile learns within a few hundred CPU steps.
+
+RESOLUTION = 64  # the tests' and Quickstart's training resolution: 64 px images -> 4x8x8 latents
+HELD_OUT = 256  # fixed crops for the held-out figures and the latent scale
+
+
+def photo_crops(rng, sources, n):
+    """n random RESOLUTION-px square crops -> (images in [-1, 1], captions).
+
+    Drawn like a shard sample seen through the trainer's square crop (make_shards' random area, aspect and flip,
+    short side RESOLUTION), with up to 1.5x zoom on top so the VAE also sees finer detail.
+    """
+    from make_shards import random_sample
+
+    images, captions = [], []
+    for _ in range(n):
+        image, caption, _, _ = random_sample(rng, rng.choice(sources), RESOLUTION, RESOLUTION * 3 // 2)
+        left, top = rng.randint(0, image.width - RESOLUTION), rng.randint(0, image.height - RESOLUTION)
+        images.append(np.asarray(image.crop((left, top, left + RESOLUTION, top + RESOLUTION))))
+        captions.append(caption)
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1, captions
+
+
+def budget(desc, steps=None, minutes=None):
+    """Yield (step, fraction of the budget spent) until `steps` are done or `minutes` have passed, whichever is
+    first. A step budget alone makes the build reproducible; minutes cap the wall time on a slow machine."""
+    if not steps and not minutes:
+        raise ValueError(f"{desc}: give a step or a time budget")
+    start, step = time.monotonic(), 0
+    with tqdm(total=steps or round(minutes * 60), desc=desc, unit="step" if steps else "s") as bar:
+        while True:
+            elapsed = time.monotonic() - start
+            done = max(step / steps if steps else 0.0, elapsed / (minutes * 60) if minutes else 0.0)
+            if done >= 1:
+                return
+            yield step, done
+            step += 1
+            if steps:
+                bar.update(1)
+            else:
+                bar.update(min(bar.total, round(elapsed)) - bar.n)
+
+
+def set_lr(optimizer, base_lr, step, done, warmup=20):
+    """Short warm-up, then cosine decay to zero at the end of the budget: the decay buys much in a short run."""
+    lr = base_lr * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * done))
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def optimise(model, optimizer, loss):
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+
+
+def train_vae(vae, sources, rng, steps=None, minutes=None, batch_size=16, lr=1e-3, kl_weight=1e-4):
+    """Reconstruct through sampled latents (the trainer encodes with latent_dist.sample()). L1 keeps edges, L2
+    the overall tone; the small KL keeps the posterior noise well below the signal without blurring."""
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=lr)
+    vae.train()
+    for step, done in budget("VAE", steps, minutes):
+        set_lr(optimizer, lr, step, done)
+        images, _ = photo_crops(rng, sources, batch_size)
+        posterior = vae.encode(images).latent_dist
+        recon = vae.decode(posterior.sample()).sample
+        kl = posterior.kl().mean() / posterior.mean[0].numel()  # per latent element, so the weight is size-free
+        optimise(vae, optimizer, F.l1_loss(recon, images) + F.mse_loss(recon, images) + kl_weight * kl)
+    vae.eval()
+
+
+@torch.no_grad()
+def vae_psnr(vae, images):
+    """Mean PSNR (dB, on [0, 1] pixels) of the reconstructions from the posterior means."""
+    recon = vae.decode(vae.encode(images).latent_dist.mode()).sample.clamp(-1, 1)
+    mse = ((recon - images) / 2).pow(2).mean(dim=(1, 2, 3))
+    return (-10 * torch.log10(mse)).mean().item()
+
+
+@torch.no_grad()
+def latent_scale(vae, images):
+    """SD's convention: scaling_factor = 1 / std of the latents, so the UNet sees unit-variance inputs."""
+    return 1.0 / vae.encode(images).latent_dist.mode().std().item()
+
+
+@torch.no_grad()
+def encode_prompts(pipe, captions):
+    tokenizer = pipe.tokenizer
+    ids = tokenizer(
+        captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids
+    return pipe.text_encoder(ids)[0]
+
+
+def denoising_loss(pipe, images, captions, noise=None, timesteps=None):
+    """The trainer's objective for the bare UNet: predict the noise added to the scaled latents."""
+    with torch.no_grad():
+        posterior = pipe.vae.encode(images).latent_dist
+        latents = (posterior.mode() if noise is not None else posterior.sample()) * pipe.vae.config.scaling_factor
+        hidden = encode_prompts(pipe, captions)
+    if noise is None:
+        noise = torch.randn_like(latents)
+        timesteps = torch.randint(0, pipe.scheduler.config.num_train_timesteps, (len(images),))
+    noisy = pipe.scheduler.add_noise(latents, noise, timesteps)
+    return F.mse_loss(pipe.unet(noisy, timesteps, hidden).sample, noise)
+
+
+@torch.no_grad()
+def held_out_denoising_loss(pipe, images, captions, seed=0):
+    """Fixed noise and a fixed spread of timesteps over [0, T): comparable between runs and steps."""
+    noise = torch.randn((len(images), 4, RESOLUTION // 8, RESOLUTION // 8), generator=torch.Generator().manual_seed(seed))
+    timesteps = torch.linspace(0, pipe.scheduler.config.num_train_timesteps - 1, len(images)).round().long()
+    return denoising_loss(pipe, images, captions, noise, timesteps).item()
+
+
+def train_unet(pipe, sources, rng, steps=None, minutes=None, batch_size=32, lr=1e-3, proportion_empty=0.1):
+    """Epsilon denoiser on the VAE's latents, conditioned on the real captions (10% empty, as for CFG training).
+    The random text encoder stays frozen, as in the trainer: it still gives each caption its own embedding."""
+    optimizer = torch.optim.AdamW(pipe.unet.parameters(), lr=lr)
+    pipe.unet.train()
+    for step, done in budget("UNet", steps, minutes):
+        set_lr(optimizer, lr, step, done)
+        images, captions = photo_crops(rng, sources, batch_size)
+        captions = ["" if rng.random() < proportion_empty else c for c in captions]
+        optimise(pipe.unet, optimizer, denoising_loss(pipe, images, captions))
+    pipe.unet.eval()
+
+
+def train_base(output_dir, vae_minutes=4, unet_minutes=4, seed=0, vae_steps=None, unet_steps=None):
+    """Build the random pipeline, train its VAE then its UNet within their budgets, save it like the random one."""
+    from make_shards import load_sources
+
+    pipe = build_pipeline(seed)
+    sources = load_sources()
+    # The held-out crops come from their own stream; they are other crops of the same 18 photos.
+    held_out, held_out_captions = photo_crops(random.Random(f"held-out-{seed}"), sources, HELD_OUT)
+    rng = random.Random(seed)
+
+    torch.manual_seed(seed)
+    start = time.monotonic()
+    train_vae(pipe.vae, sources, rng, vae_steps, vae_minutes)
+    scale = latent_scale(pipe.vae, held_out)
+    pipe.vae.register_to_config(scaling_factor=round(scale, 4))
+    print(f"VAE: {time.monotonic() - start:.0f} s, held-out PSNR {vae_psnr(pipe.vae, held_out):.2f} dB, "
+          f"scaling_factor {pipe.vae.config.scaling_factor}")
+
+    torch.manual_seed(seed + 1)
+    start = time.monotonic()
+    before = held_out_denoising_loss(pipe, held_out, held_out_captions)
+    train_unet(pipe, sources, rng, unet_steps, unet_minutes)
+    after = held_out_denoising_loss(pipe, held_out, held_out_captions)
+    print(f"UNet: {time.monotonic() - start:.0f} s, held-out denoising loss {before:.4f} -> {after:.4f}")
+    return write_pipeline(pipe, output_dir)
 
 
 def verify(model_dir):
@@ -301,9 +476,19 @@ def main():
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip_verify", action="store_true", help="do not reload and run the saved pipeline")
+    parser.add_argument("--trained", action="store_true", help="train the VAE and UNet instead of leaving them random")
+    parser.add_argument("--vae_steps", type=int, default=None, help="VAE steps (a reproducible budget)")
+    parser.add_argument("--unet_steps", type=int, default=None, help="UNet steps (a reproducible budget)")
+    parser.add_argument("--vae_minutes", type=float, default=None, help="wall-clock cap (default 4 without --vae_steps)")
+    parser.add_argument("--unet_minutes", type=float, default=None, help="wall-clock cap (default 4 without --unet_steps)")
     args = parser.parse_args()
 
-    save_pipeline(args.output_dir, args.seed)
+    if args.trained:
+        vae_minutes = args.vae_minutes if args.vae_minutes or args.vae_steps else 4
+        unet_minutes = args.unet_minutes if args.unet_minutes or args.unet_steps else 4
+        train_base(args.output_dir, vae_minutes, unet_minutes, args.seed, args.vae_steps, args.unet_steps)
+    else:
+        save_pipeline(args.output_dir, args.seed)
     if not args.skip_verify:
         name, fast = verify(args.output_dir)
         print(f"verified: tokenizer {name} (is_fast={fast}), 64x64 image -> 4x8x8 latents, ControlNet+UNet, 2-step pipeline")
