@@ -288,6 +288,12 @@ def parse_args(input_args=None):
         help="Skip samples whose LAION json punsafe is above this (off by default; a missing field keeps the sample).",
     )
     parser.add_argument(
+        "--save_sample_keys",
+        action="store_true",
+        help="Append 'step consumer key' for every training sample to output_dir/sample_keys/rank-R.txt: an audit of"
+        " which data each rank and dataloader worker trained on.",
+    )
+    parser.add_argument(
         "--ddp_timeout",
         type=int,
         default=7200,
@@ -528,7 +534,8 @@ def consumer_samples(urls, seed, holdout_keys, start_positions):
     """Endless stream of raw samples for this (rank, dataloader worker).
 
     Shards are dealt round-robin to the ranks x workers consumers; with fewer shards than consumers (or when a
-    consumer's own shards are all unreadable) it reads all shards and keeps every N-th sample instead. Each consumer
+    consumer's own shards are all unreadable) it reads all shards and keeps every N-th sample instead, or all of them
+    when there are fewer samples than consumers. Each consumer
     cycles through its part forever, one shuffled pass per cycle, so every rank can run the same number of steps
     and none waits on another that ran dry. A resumed run passes the number of raw samples each consumer had used
     (`start_positions`); the stream skips that many undecoded, so it continues exactly where it stopped.
@@ -536,23 +543,39 @@ def consumer_samples(urls, seed, holdout_keys, start_positions):
     rank, world_size, worker, num_workers = wds.utils.pytorch_worker_info()
     consumers, me = world_size * num_workers, rank * num_workers + worker
     skip = start_positions[me] if start_positions is not None and len(start_positions) == consumers else 0
-    by_shard = len(urls) >= consumers
+    # This consumer's part, and what it falls back to when that part holds no readable sample: a stride over all
+    # shards, then (fewer samples than consumers) every sample.
+    parts = [(urls, consumers, me), (urls, 1, 0)]
+    if len(urls) >= consumers:
+        parts.insert(0, (urls[me::consumers], 1, 0))
     for cycle in itertools.count():
+        shard_list, stride, offset = parts[0]
         # When consumers share shards they must all read them in the same order, so `me` stays out of that seed.
-        rng = random.Random(f"{seed}-{cycle}-{me if by_shard else 'all'}")
-        part = (urls[me::consumers], 1, 0) if by_shard else (urls, consumers, me)
+        rng = random.Random(f"{seed}-{cycle}-{me if stride == 1 and len(shard_list) < len(urls) else 'all'}")
         read = 0
-        for sample in shuffled_pass(part[0], rng, holdout_keys, stride=part[1], offset=part[2]):
+        for sample in shuffled_pass(shard_list, rng, holdout_keys, stride=stride, offset=offset):
             read += 1
             DATA_STATS["samples_read"] += 1
             if DATA_STATS["samples_read"] > skip:
                 yield sample
-        if read == 0 and by_shard:
-            logger.warning(f"consumer {me} (rank {rank}, worker {worker}) found no readable sample in its own shards:"
-                           f" it now takes every {consumers}-th sample of all shards")
-            by_shard = False
-        elif read == 0:
+        if read == 0 and len(parts) == 1:
             raise RuntimeError(f"no readable sample in any shard for consumer {me}")
+        if read == 0:
+            parts.pop(0)
+            logger.warning(f"consumer {me} (rank {rank}, worker {worker}) found no readable sample in its part of"
+                           f" the shards; it now reads {'every %d-th' % parts[0][1] if parts[0][1] > 1 else 'every'}"
+                           " sample of all shards")
+
+
+def batches_of(samples, size):
+    """Full batches, yielded as soon as complete. (wds.batched reads one sample ahead; that sample would be missing
+    from the data position saved with a checkpoint, and a resumed run would skip it.)"""
+    batch = []
+    for sample in samples:
+        batch.append(sample)
+        if len(batch) == size:
+            yield collate_fn(batch)
+            batch = []
 
 
 def make_train_dataloader(args, tokenizer, holdout_keys=frozenset(), start_positions=None):
@@ -563,7 +586,7 @@ def make_train_dataloader(args, tokenizer, holdout_keys=frozenset(), start_posit
     pipeline = wds.DataPipeline(
         partial(consumer_samples, urls, seed, frozenset(holdout_keys), start_positions),
         wds.map(partial(make_tile_pair, tokenizer=tokenizer, args=args, rng=random), handler=count_skip),
-        wds.batched(args.train_batch_size, collation_fn=collate_fn, partial=False),
+        partial(batches_of, size=args.train_batch_size),
     )
     return torch.utils.data.DataLoader(
         pipeline,
@@ -572,6 +595,7 @@ def make_train_dataloader(args, tokenizer, holdout_keys=frozenset(), start_posit
         pin_memory=torch.cuda.is_available(),
         persistent_workers=args.dataloader_num_workers > 0,
         prefetch_factor=4 if args.dataloader_num_workers > 0 else None,
+        worker_init_fn=ignore_stop_signals,
         # Worker seeds come from this generator, not the global RNG, so building the loader never shifts the
         # training noise and a resumed run draws exactly what an uninterrupted one would.
         generator=torch.Generator().manual_seed(seed * 1000 + rank),
@@ -1095,19 +1119,39 @@ class IntervalMeter:
         return metrics, dict(zip(STAT_KEYS, stats)), stop
 
 
-def install_stop_handler():
-    """SIGTERM / SIGUSR1 (SLURM, spot preemption) only set a flag, checked at logging steps by all ranks at once.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # what SLURM and spot instances send before they kill a job
 
-    Installed before the dataloader forks its workers, so that a signal sent to every process leaves them running.
-    """
+
+def install_stop_handler():
+    """A stop signal only sets a flag, checked at logging steps by all ranks at once."""
     received = []
 
     def handler(signum, frame):
         received.append(signal.Signals(signum).name)
 
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
+    for sig in STOP_SIGNALS:
         signal.signal(sig, handler)
     return lambda: received[0] if received else None
+
+
+@contextlib.contextmanager
+def endless_batches(loader):
+    """The loader's batch stream; on the way out (done, stopped or crashed) its workers are shut down. They ignore
+    stop signals, so multiprocessing's exit-time cleanup could not end them and would wait for them forever."""
+    iterator = iter(loader)
+    try:
+        yield iterator
+    finally:
+        shutdown = getattr(iterator, "_shutdown_workers", None)  # absent with --dataloader_num_workers=0
+        if shutdown:
+            shutdown()
+
+
+def ignore_stop_signals(worker_id):
+    """Dataloader workers ignore stop signals (torch makes them die of SIGTERM): SLURM signals every process of the
+    job, and the main process still needs its data to reach the next logging step and save. The workers end with it."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def main(args):
@@ -1267,7 +1311,6 @@ def main(args):
     # of rank 0 reading for everyone and broadcasting.
     signal_name = install_stop_handler()
     train_dataloader = make_train_dataloader(args, tokenizer, holdout["keys"] if holdout else (), data_positions)
-    batches = iter(train_dataloader)
     progress = DataProgress(accelerator, args.dataloader_num_workers, data_positions)
 
     logger.info("***** Running training *****")
@@ -1293,54 +1336,63 @@ def main(args):
         disable=not accelerator.is_local_main_process,  # once per machine
     )
     meter = IntervalMeter(accelerator.device)
+    keys_file = None
+    if args.save_sample_keys:
+        os.makedirs(os.path.join(args.output_dir, "sample_keys"), exist_ok=True)
+        keys_file = open(os.path.join(args.output_dir, "sample_keys", f"rank-{accelerator.process_index}.txt"), "a")
     stopped_by = None
     image_logs = None
-    while global_step < args.max_train_steps:
-        with meter.waiting_for_data():
-            batch = next(batches)
-        progress.update(batch)
-        with accelerator.accumulate(controlnet):
-            loss = controlnet_loss(
-                vae, text_encoder, unet, controlnet, noise_scheduler,
-                batch["pixel_values"].to(accelerator.device, non_blocking=True),
-                batch["conditioning_pixel_values"].to(accelerator.device, non_blocking=True),
-                batch["input_ids"].to(accelerator.device, non_blocking=True),
-                weight_dtype,
-            ).mean()
-            accelerator.backward(loss)
-            grad_norm = None
-            if accelerator.sync_gradients:
-                grad_norm = accelerator.clip_grad_norm_(controlnet.parameters(), args.max_grad_norm)
-            optimizer.step()
-            lr_scheduler.step()
-            optimizer.zero_grad(set_to_none=args.set_grads_to_none)
-        meter.add(loss.detach() / args.gradient_accumulation_steps, grad_norm)
+    with endless_batches(train_dataloader) as batches:
+        while global_step < args.max_train_steps:
+            with meter.waiting_for_data():
+                batch = next(batches)
+            progress.update(batch)
+            if keys_file:
+                keys_file.writelines(f"{global_step + 1} {batch['consumer']} {key}\n" for key in batch["keys"])
+            with accelerator.accumulate(controlnet):
+                loss = controlnet_loss(
+                    vae, text_encoder, unet, controlnet, noise_scheduler,
+                    batch["pixel_values"].to(accelerator.device, non_blocking=True),
+                    batch["conditioning_pixel_values"].to(accelerator.device, non_blocking=True),
+                    batch["input_ids"].to(accelerator.device, non_blocking=True),
+                    weight_dtype,
+                ).mean()
+                accelerator.backward(loss)
+                grad_norm = None
+                if accelerator.sync_gradients:
+                    grad_norm = accelerator.clip_grad_norm_(controlnet.parameters(), args.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=args.set_grads_to_none)
+            meter.add(loss.detach() / args.gradient_accumulation_steps, grad_norm)
 
-        if not accelerator.sync_gradients:
-            continue
-        progress_bar.update(1)
-        global_step += 1
+            if not accelerator.sync_gradients:
+                continue
+            progress_bar.update(1)
+            global_step += 1
 
-        if global_step % args.logging_steps == 0 or global_step == args.max_train_steps:
-            # The one host sync of the interval: losses, grad norms, data counters and stop requests of all ranks.
-            logs, stats, stopped_by = meter.collect(accelerator, progress.local_totals(), signal_name(), samples_per_step)
-            progress.last_totals = stats
-            logs["lr"] = lr_scheduler.get_last_lr()[0]
-            logs["epoch"] = global_step // num_update_steps_per_epoch
-            progress_bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")
-            if accelerator.is_main_process:
-                log_metrics(accelerator, {**logs, **{f"data/{k}": v for k, v in stats.items()}}, global_step, args.output_dir)
-                progress.report(stats)
-        with meter.paused():
-            if global_step % args.checkpointing_steps == 0 or stopped_by:
-                save_checkpoint(accelerator, args, global_step, progress.positions(accelerator))
-            if accelerator.is_main_process and global_step % args.validation_steps == 0 and (args.validation_prompt or holdout):
-                image_logs = validate(global_step, unwrap_model(controlnet))
-        if stopped_by:
-            logger.warning(f"{stopped_by} received: stopped at step {global_step} after saving checkpoint-{global_step};"
-                           " run the same command with --resume_from_checkpoint=latest to continue")
-            break
+            if global_step % args.logging_steps == 0 or global_step == args.max_train_steps:
+                # The one host sync of the interval: losses, grad norms, data counters and stop requests of all ranks.
+                logs, stats, stopped_by = meter.collect(accelerator, progress.local_totals(), signal_name(), samples_per_step)
+                progress.last_totals = stats
+                logs["lr"] = lr_scheduler.get_last_lr()[0]
+                logs["epoch"] = global_step // num_update_steps_per_epoch
+                progress_bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")
+                if accelerator.is_main_process:
+                    log_metrics(accelerator, {**logs, **{f"data/{k}": v for k, v in stats.items()}}, global_step, args.output_dir)
+                    progress.report(stats)
+            with meter.paused():
+                if global_step % args.checkpointing_steps == 0 or stopped_by:
+                    save_checkpoint(accelerator, args, global_step, progress.positions(accelerator))
+                if accelerator.is_main_process and global_step % args.validation_steps == 0 and (args.validation_prompt or holdout):
+                    image_logs = validate(global_step, unwrap_model(controlnet))
+            if stopped_by:
+                logger.warning(f"{stopped_by} received: stopped at step {global_step} after saving checkpoint-{global_step};"
+                               " run the same command with --resume_from_checkpoint=latest to continue")
+                break
     progress_bar.close()
+    if keys_file:
+        keys_file.close()
     if accelerator.is_main_process:
         progress.report(progress.last_totals, final=True)
 

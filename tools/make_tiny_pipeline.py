@@ -324,6 +324,7 @@ def train_vae(vae, sources, rng, steps=None, minutes=None, batch_size=16, lr=1e-
         kl = posterior.kl().mean() / posterior.mean[0].numel()  # per latent element, so the weight is size-free
         optimise(vae, optimizer, F.l1_loss(recon, images) + F.mse_loss(recon, images) + kl_weight * kl)
     vae.eval()
+    return step + 1
 
 
 @torch.no_grad()
@@ -381,6 +382,7 @@ def train_unet(pipe, sources, rng, steps=None, minutes=None, batch_size=32, lr=1
         captions = ["" if rng.random() < proportion_empty else c for c in captions]
         optimise(pipe.unet, optimizer, denoising_loss(pipe, images, captions))
     pipe.unet.eval()
+    return step + 1
 
 
 def train_base(output_dir, vae_minutes=4, unet_minutes=4, seed=0, vae_steps=None, unet_steps=None):
@@ -395,18 +397,18 @@ def train_base(output_dir, vae_minutes=4, unet_minutes=4, seed=0, vae_steps=None
 
     torch.manual_seed(seed)
     start = time.monotonic()
-    train_vae(pipe.vae, sources, rng, vae_steps, vae_minutes)
+    steps = train_vae(pipe.vae, sources, rng, vae_steps, vae_minutes)
     scale = latent_scale(pipe.vae, held_out)
     pipe.vae.register_to_config(scaling_factor=round(scale, 4))
-    print(f"VAE: {time.monotonic() - start:.0f} s, held-out PSNR {vae_psnr(pipe.vae, held_out):.2f} dB, "
+    print(f"VAE: {steps} steps in {time.monotonic() - start:.0f} s, held-out PSNR {vae_psnr(pipe.vae, held_out):.2f} dB, "
           f"scaling_factor {pipe.vae.config.scaling_factor}")
 
     torch.manual_seed(seed + 1)
     start = time.monotonic()
     before = held_out_denoising_loss(pipe, held_out, held_out_captions)
-    train_unet(pipe, sources, rng, unet_steps, unet_minutes)
+    steps = train_unet(pipe, sources, rng, unet_steps, unet_minutes)
     after = held_out_denoising_loss(pipe, held_out, held_out_captions)
-    print(f"UNet: {time.monotonic() - start:.0f} s, held-out denoising loss {before:.4f} -> {after:.4f}")
+    print(f"UNet: {steps} steps in {time.monotonic() - start:.0f} s, held-out denoising loss {before:.4f} -> {after:.4f}")
     return write_pipeline(pipe, output_dir)
 
 
