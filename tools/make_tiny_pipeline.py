@@ -366,7 +366,8 @@ def denoising_loss(pipe, images, captions, noise=None, timesteps=None):
 @torch.no_grad()
 def held_out_denoising_loss(pipe, images, captions, seed=0):
     """Fixed noise and a fixed spread of timesteps over [0, T): comparable between runs and steps."""
-    noise = torch.randn((len(images), 4, RESOLUTION // 8, RESOLUTION // 8), generator=torch.Generator().manual_seed(seed))
+    shape = (len(images), pipe.unet.config.in_channels, RESOLUTION // 8, RESOLUTION // 8)
+    noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
     timesteps = torch.linspace(0, pipe.scheduler.config.num_train_timesteps - 1, len(images)).round().long()
     return denoising_loss(pipe, images, captions, noise, timesteps).item()
 
@@ -392,7 +393,7 @@ def train_base(output_dir, vae_minutes=4, unet_minutes=4, seed=0, vae_steps=None
     pipe = build_pipeline(seed)
     sources = load_sources()
     # The held-out crops come from their own stream; they are other crops of the same 18 photos.
-    held_out, held_out_captions = photo_crops(random.Random(f"held-out-{seed}"), sources, HELD_OUT)
+    held_out, held_out_captions = held_out_set(seed)
     rng = random.Random(seed)
 
     torch.manual_seed(seed)
@@ -400,16 +401,34 @@ def train_base(output_dir, vae_minutes=4, unet_minutes=4, seed=0, vae_steps=None
     steps = train_vae(pipe.vae, sources, rng, vae_steps, vae_minutes)
     scale = latent_scale(pipe.vae, held_out)
     pipe.vae.register_to_config(scaling_factor=round(scale, 4))
-    print(f"VAE: {steps} steps in {time.monotonic() - start:.0f} s, held-out PSNR {vae_psnr(pipe.vae, held_out):.2f} dB, "
-          f"scaling_factor {pipe.vae.config.scaling_factor}")
+    print(f"VAE: {steps} steps in {time.monotonic() - start:.0f} s, "
+          f"held-out PSNR {vae_psnr(pipe.vae, held_out):.2f} dB, scaling_factor {pipe.vae.config.scaling_factor}")
 
     torch.manual_seed(seed + 1)
     start = time.monotonic()
     before = held_out_denoising_loss(pipe, held_out, held_out_captions)
     steps = train_unet(pipe, sources, rng, unet_steps, unet_minutes)
     after = held_out_denoising_loss(pipe, held_out, held_out_captions)
-    print(f"UNet: {steps} steps in {time.monotonic() - start:.0f} s, held-out denoising loss {before:.4f} -> {after:.4f}")
+    print(f"UNet: {steps} steps in {time.monotonic() - start:.0f} s, "
+          f"held-out denoising loss {before:.4f} -> {after:.4f}")
     return write_pipeline(pipe, output_dir)
+
+
+def held_out_set(seed=0):
+    """The fixed held-out crops and captions that train_base reports on."""
+    from make_shards import load_sources
+
+    return photo_crops(random.Random(f"held-out-{seed}"), load_sources(), HELD_OUT)
+
+
+@torch.no_grad()
+def score(model_dir, seed=0):
+    """Held-out VAE PSNR (dB) and UNet denoising loss of a saved pipeline: compares a remade base with a shipped one."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(model_dir, safety_checker=None, requires_safety_checker=False)
+    images, captions = held_out_set(seed)
+    return {"vae_psnr_db": vae_psnr(pipe.vae, images), "unet_loss": held_out_denoising_loss(pipe, images, captions)}
 
 
 def verify(model_dir):
@@ -475,15 +494,24 @@ def dir_size(path):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--output_dir", help="where to save the pipeline")
+    parser.add_argument("--score", metavar="MODEL_DIR", nargs="+",
+                        help="print the held-out VAE PSNR and UNet loss of saved pipelines (e.g. remade vs shipped)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip_verify", action="store_true", help="do not reload and run the saved pipeline")
     parser.add_argument("--trained", action="store_true", help="train the VAE and UNet instead of leaving them random")
     parser.add_argument("--vae_steps", type=int, default=None, help="VAE steps (a reproducible budget)")
     parser.add_argument("--unet_steps", type=int, default=None, help="UNet steps (a reproducible budget)")
-    parser.add_argument("--vae_minutes", type=float, default=None, help="wall-clock cap (default 4 without --vae_steps)")
-    parser.add_argument("--unet_minutes", type=float, default=None, help="wall-clock cap (default 4 without --unet_steps)")
+    parser.add_argument("--vae_minutes", type=float, default=None, help="time cap (default 4 without --vae_steps)")
+    parser.add_argument("--unet_minutes", type=float, default=None, help="time cap (default 4 without --unet_steps)")
     args = parser.parse_args()
+    if args.score:
+        for model_dir in args.score:
+            scores = score(model_dir, args.seed)
+            print(f"{model_dir}: VAE held-out PSNR {scores['vae_psnr_db']:.2f} dB, UNet held-out loss {scores['unet_loss']:.4f}")
+        return
+    if not args.output_dir:
+        parser.error("--output_dir is required (or --score)")
 
     if args.trained:
         vae_minutes = args.vae_minutes if args.vae_minutes or args.vae_steps else 4

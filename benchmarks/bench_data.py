@@ -1,0 +1,145 @@
+"""Data-path throughput per worker core (one process, one thread), three pipelines side by side in one run.
+
+    python benchmarks/bench_data.py [--num_images 200] [--resolution 256] [--condition_resolution 64]
+
+(a) project: train_controlnet.read_shard -> make_tile_pair -> collate_fn (batches of 32)
+(b) seed reference: full JPEG decode, RGB, short side -> R (bicubic), random R x R crop, down to C and back up to R,
+    float tensors (target in [-1, 1]), the same tokenization, torch.stack batches of 32
+(c) limit: reading the tar + full JPEG decode to RGB, nothing else
+
+Prints img/s for each (best of --passes passes after a warm-up pass), then `data_vs_seed` and `data_vs_limit`.
+Shards are LAION-like: JPEGs (q90) of random crops/rescales of scikit-image's photos, short side 300..975 px
+(long side up to ~1300), with .txt captions and img2dataset .json metadata.
+"""
+
+import argparse
+import io
+import math
+import os
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tools")]
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import webdataset as wds  # noqa: E402
+from PIL import Image  # noqa: E402
+
+import train_controlnet as tc  # noqa: E402
+from make_shards import write_shards  # noqa: E402  (random crops of make_shards.load_sources' photos)
+from make_tiny_pipeline import save_pipeline  # noqa: E402
+
+BATCH = 32
+
+
+def project_pass(urls, tokenizer, args):
+    rng, batch, n = random.Random(0), [], 0
+    for url in urls:
+        for sample in tc.read_shard(url):
+            batch.append(tc.make_tile_pair(sample, tokenizer, args, rng=rng))
+            if len(batch) == BATCH:
+                tc.collate_fn(batch)
+                n, batch = n + len(batch), []
+    if batch:
+        tc.collate_fn(batch)
+    return n + len(batch)
+
+
+def to_tensor(image):
+    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1).contiguous()
+
+
+def seed_pair(sample, tokenizer, res, cond_res, rng):
+    image = Image.open(io.BytesIO(sample["jpg"])).convert("RGB")
+    w, h = image.size
+    scale = res / min(w, h)
+    image = image.resize((max(res, round(w * scale)), max(res, round(h * scale))), Image.BICUBIC)
+    left, top = rng.randint(0, image.width - res), rng.randint(0, image.height - res)
+    target = image.crop((left, top, left + res, top + res))
+    condition = target.resize((cond_res, cond_res), Image.BICUBIC).resize((res, res), Image.BICUBIC)
+    ids = tokenizer(sample["txt"].decode(), max_length=tokenizer.model_max_length, padding="max_length",
+                    truncation=True, return_tensors="pt").input_ids[0]
+    return to_tensor(target) * 2 - 1, to_tensor(condition), ids
+
+
+def seed_pass(urls, tokenizer, args):
+    rng, batch, n = random.Random(0), [], 0
+    for sample in wds.tarfile_samples([{"url": u} for u in urls]):
+        batch.append(seed_pair(sample, tokenizer, args.resolution, args.condition_resolution, rng))
+        if len(batch) == BATCH:
+            [torch.stack(column) for column in zip(*batch)]
+            n, batch = n + len(batch), []
+    if batch:
+        [torch.stack(column) for column in zip(*batch)]
+    return n + len(batch)
+
+
+def limit_pass(urls, tokenizer, args):
+    n = 0
+    for sample in wds.tarfile_samples([{"url": u} for u in urls]):
+        Image.open(io.BytesIO(sample["jpg"])).convert("RGB")
+        n += 1
+    return n
+
+
+def best_rate(fn, *a, passes=3):
+    fn(*a)  # warm-up: page cache, tokenizer caches, allocator
+    best = 0.0
+    for _ in range(passes):
+        t = time.perf_counter()
+        n = fn(*a)
+        best = max(best, n / (time.perf_counter() - t))
+    return best
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--num_images", type=int, default=200)
+    p.add_argument("--resolution", type=int, default=256)
+    p.add_argument("--condition_resolution", type=int, default=64)
+    p.add_argument("--passes", type=int, default=3)
+    p.add_argument("--only", choices=["project", "seed", "limit"], default=None, help="time one pipeline (profiling)")
+    cli = p.parse_args()
+    torch.set_num_threads(1)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        per_shard = min(50, cli.num_images)  # num_images is rounded up to whole shards
+        urls = write_shards(os.path.join(tmp, "shards"), num_shards=math.ceil(cli.num_images / per_shard),
+                            samples_per_shard=per_shard, seed=0, min_size=300, max_size=975)
+        sizes = [Image.open(io.BytesIO(s["jpg"])).size for s in wds.tarfile_samples([{"url": u} for u in urls])]
+        short = sorted(min(s) for s in sizes)
+        mb = sum(os.path.getsize(u) for u in urls) / 2**20
+        print(f"shards: {len(sizes)} JPEGs in {len(urls)} tars ({mb:.1f} MB), short side {short[0]}..{short[-1]} px"
+              f" (median {short[len(short) // 2]}), long side up to {max(max(s) for s in sizes)} px")
+
+        save_pipeline(os.path.join(tmp, "tiny"))
+        args = tc.parse_args(["--train_shards_path_or_url=pipe:true", "--max_train_steps=1",
+                              f"--resolution={cli.resolution}", f"--condition_resolution={cli.condition_resolution}"])
+        args.pretrained_model_name_or_path = os.path.join(tmp, "tiny")
+        tokenizer = tc.load_tokenizer(args)
+
+        rates = {}
+        for name, fn in (("project", project_pass), ("seed", seed_pass), ("limit", limit_pass)):
+            if cli.only in (None, name):
+                rates[name] = best_rate(fn, urls, tokenizer, args, passes=cli.passes)
+        print(f"{type(tokenizer).__name__}, {cli.resolution} px, condition {cli.condition_resolution} px, batch {BATCH},"
+              f" 1 process x {torch.get_num_threads()} thread, best of {cli.passes} passes")
+        labels = {"project": "(a) project make_tile_pair + collate_fn",
+                  "seed": "(b) seed reference (full decode, 2 resizes)",
+                  "limit": "(c) limit: tar read + full JPEG decode"}
+        for name, rate in rates.items():
+            print(f"{labels[name]:<46} {rate:8.1f} img/s  ({1000 / rate:6.2f} ms/img)")
+        if cli.only is None:
+            print(f"data_vs_seed: {rates['project'] / rates['seed']:.2f}")
+            print(f"data_vs_limit: {rates['project'] / rates['limit']:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,207 @@
+"""Shared by bench_step.py and bench_gpu.py: model building, the trainer's setup and step, an upstream reference step.
+
+Nothing here asserts a timing; the scripts print figures measured side by side in one run.
+"""
+
+import inspect
+import os
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tools")]
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import train_controlnet as tc  # noqa: E402
+
+
+def trainer_args(*extra):
+    """The trainer's own defaults (lr, Adam betas/eps/decay, scheduler, max_grad_norm...), plus `extra` flags."""
+    return tc.parse_args(["--train_shards_path_or_url=pipe:true", "--max_train_steps=100000", *extra])
+
+
+def tiny_models(model_dir):
+    """tools/make_tiny_pipeline.py's model, loaded the trainer's way -> (models tuple, tokenizer)."""
+    from make_tiny_pipeline import save_pipeline
+
+    save_pipeline(model_dir)
+    args = trainer_args(f"--pretrained_model_name_or_path={model_dir}")
+    return tc.load_models(args), tc.load_tokenizer(args)
+
+
+def sd1_models(text_layers=12, vae_sample_size=256):
+    """Randomly initialised miniSD / SD-1.x shapes: UNet2DConditionModel defaults with cross_attention_dim 768,
+    the SD VAE, and a CLIP-L-shaped text encoder (hidden 768, 12 heads; `text_layers` of CLIP-L's 12).
+    The tokenizer is the tiny pipeline's offline BPE one: its ids fit CLIP-L's vocabulary; prompts stay 77 tokens."""
+    from diffusers import AutoencoderKL, ControlNetModel, DDPMScheduler, UNet2DConditionModel
+    from make_tiny_pipeline import build_tokenizer
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(sample_size=32, cross_attention_dim=768)  # (320, 640, 1280, 1280), heads 8
+    vae = AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
+        sample_size=vae_sample_size, scaling_factor=0.18215,
+    )
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=text_layers,
+        num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768,
+    )).eval()
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                              beta_schedule="scaled_linear", clip_sample=False)
+    return (scheduler, text_encoder, vae, unet, ControlNetModel.from_unet(unet)), build_tokenizer()
+
+
+# The trainer is moving from text_encoder + input_ids inside controlnet_loss to prompt states computed outside it
+# (PromptEncoder); the project step follows whichever this checkout has.
+PROMPT_STATES_API = "encoder_hidden_states" in inspect.signature(tc.controlnet_loss).parameters
+
+
+def setup(models, tokenizer, accelerator, args):
+    """What train_controlnet.main does between loading the models and the loop (no trackers, no data)."""
+    from diffusers.optimization import get_scheduler
+
+    noise_scheduler, text_encoder, vae, unet, controlnet = models
+    for frozen in (vae, unet, text_encoder):
+        frozen.requires_grad_(False)
+    controlnet.train()
+    if args.enable_xformers_memory_efficient_attention:
+        tc.enable_xformers([unet, controlnet], accelerator.device)
+    if args.gradient_checkpointing:
+        controlnet.enable_gradient_checkpointing()
+    if getattr(args, "channels_last", False):
+        for model in (unet, controlnet, vae):
+            model.to(memory_format=torch.channels_last)
+    if getattr(args, "torch_compile", None):
+        for model in (unet, controlnet):
+            model.compile(backend=args.torch_compile)
+    if args.use_8bit_adam:
+        import bitsandbytes as bnb
+
+        optimizer_class = bnb.optim.AdamW8bit
+    else:
+        optimizer_class = torch.optim.AdamW
+    optimizer = optimizer_class(controlnet.parameters(), lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                                weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps,
+                                 num_training_steps=args.max_train_steps)
+    controlnet, optimizer, lr_scheduler = accelerator.prepare(controlnet, optimizer, lr_scheduler)
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    for frozen in (vae, unet, text_encoder):
+        frozen.to(accelerator.device, dtype=weight_dtype)
+    encode_prompts = tc.PromptEncoder(text_encoder, tokenizer, accelerator.device) if PROMPT_STATES_API else None
+    return SimpleNamespace(args=args, accelerator=accelerator, noise_scheduler=noise_scheduler, vae=vae, unet=unet,
+                           text_encoder=text_encoder, controlnet=controlnet, optimizer=optimizer,
+                           lr_scheduler=lr_scheduler, weight_dtype=weight_dtype, encode_prompts=encode_prompts,
+                           meter=tc.IntervalMeter(accelerator.device))
+
+
+def make_batches(n, batch_size, resolution, tokenizer, seed=0):
+    """Fixed host-side batches shaped like the loader's (pinned when CUDA is there, as the trainer's loader is).
+    No empty captions: --proportion_empty_prompts is 0 by default."""
+    g = torch.Generator().manual_seed(seed)
+    captions = ["a tabby cat looking at the camera", "a red motorcycle parked in a garage", "the moon at night"]
+    batches = []
+    for i in range(n):
+        caps = [captions[(i + j) % len(captions)] for j in range(batch_size)]
+        ids = tokenizer(caps, max_length=tokenizer.model_max_length, padding="max_length", truncation=True,
+                        return_tensors="pt").input_ids
+        batch = {
+            "pixel_values": torch.rand(batch_size, 3, resolution, resolution, generator=g) * 2 - 1,
+            "conditioning_pixel_values": torch.rand(batch_size, 3, resolution, resolution, generator=g),
+            "input_ids": ids,
+        }
+        if torch.cuda.is_available():
+            batch = {k: v.pin_memory() for k, v in batch.items()}
+        batches.append(batch)
+    return batches
+
+
+def project_step(s, batch):
+    """The body of train_controlnet.main's loop, data wait and logging-step bookkeeping left out."""
+    device = s.accelerator.device
+    with s.accelerator.accumulate(s.controlnet):
+        pixels = batch["pixel_values"].to(device, non_blocking=True)
+        conditions = batch["conditioning_pixel_values"].to(device, non_blocking=True)
+        if PROMPT_STATES_API:
+            loss = tc.controlnet_loss(s.vae, s.unet, s.controlnet, s.noise_scheduler, pixels, conditions,
+                                      s.encode_prompts(batch["input_ids"]), s.weight_dtype).mean()
+        else:
+            loss = tc.controlnet_loss(s.vae, s.text_encoder, s.unet, s.controlnet, s.noise_scheduler, pixels, conditions,
+                                      batch["input_ids"].to(device, non_blocking=True), s.weight_dtype).mean()
+        s.accelerator.backward(loss)
+        grad_norm = None
+        if s.accelerator.sync_gradients:
+            grad_norm = s.accelerator.clip_grad_norm_(s.controlnet.parameters(), s.args.max_grad_norm)
+        s.optimizer.step()
+        s.lr_scheduler.step()
+        s.optimizer.zero_grad(set_to_none=s.args.set_grads_to_none)
+    s.meter.add(loss.detach() / s.args.gradient_accumulation_steps, grad_norm)  # stays on the device
+
+
+def reference_step(s, batch):
+    """One step as diffusers' examples/controlnet/train_controlnet.py writes it (incl. its per-step loss.item())."""
+    vae, unet, controlnet, noise_scheduler, accelerator = s.vae, s.unet, s.controlnet, s.noise_scheduler, s.accelerator
+    weight_dtype = s.weight_dtype
+    batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in batch.items()}  # prepared loader
+    with accelerator.accumulate(controlnet):
+        latents = vae.encode(batch["pixel_values"].to(dtype=weight_dtype)).latent_dist.sample()
+        latents = latents * vae.config.scaling_factor
+        noise = torch.randn_like(latents)
+        bsz = latents.shape[0]
+        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (bsz,), device=latents.device)
+        timesteps = timesteps.long()
+        noisy_latents = noise_scheduler.add_noise(latents.float(), noise.float(), timesteps).to(dtype=weight_dtype)
+        encoder_hidden_states = s.text_encoder(batch["input_ids"], return_dict=False)[0]
+        controlnet_image = batch["conditioning_pixel_values"].to(dtype=weight_dtype)
+        down_block_res_samples, mid_block_res_sample = controlnet(
+            noisy_latents, timesteps, encoder_hidden_states=encoder_hidden_states, controlnet_cond=controlnet_image,
+            return_dict=False,
+        )
+        model_pred = unet(
+            noisy_latents, timesteps, encoder_hidden_states=encoder_hidden_states,
+            down_block_additional_residuals=[sample.to(dtype=weight_dtype) for sample in down_block_res_samples],
+            mid_block_additional_residual=mid_block_res_sample.to(dtype=weight_dtype), return_dict=False,
+        )[0]
+        target = noise  # epsilon prediction
+        loss = F.mse_loss(model_pred.float(), target.float(), reduction="mean")
+        accelerator.backward(loss)
+        if accelerator.sync_gradients:
+            accelerator.clip_grad_norm_(controlnet.parameters(), s.args.max_grad_norm)
+        s.optimizer.step()
+        s.lr_scheduler.step()
+        s.optimizer.zero_grad(set_to_none=s.args.set_grads_to_none)
+    logs = {"loss": loss.detach().item(), "lr": s.lr_scheduler.get_last_lr()[0]}  # upstream: every step
+    return logs
+
+
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def seconds_per_step(step, s, batches, steps):
+    sync()
+    start = time.perf_counter()
+    for i in range(steps):
+        step(s, batches[i % len(batches)])
+    sync()
+    return (time.perf_counter() - start) / steps
+
+
+def compare(steps_fns, s, batches, steps, warmup, rounds):
+    """Warm each step function up, then alternate them for `rounds` rounds: best s/step of each."""
+    for fn in steps_fns.values():
+        seconds_per_step(fn, s, batches, warmup)
+    best = {name: float("inf") for name in steps_fns}
+    for _ in range(rounds):
+        for name, fn in steps_fns.items():
+            best[name] = min(best[name], seconds_per_step(fn, s, batches, steps))
+    return best
