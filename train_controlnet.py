@@ -308,6 +308,12 @@ def parse_args(input_args=None):
         " first steps, then faster).",
     )
     parser.add_argument(
+        "--resampled_shards",
+        action="store_true",
+        help="Draw each consumer's shards at random with replacement, every pass, instead of dealing the shards out"
+        " disjointly (webdataset's resampling: samples can repeat and some are never seen within an epoch).",
+    )
+    parser.add_argument(
         "--ddp_timeout",
         type=int,
         default=7200,
@@ -544,7 +550,7 @@ def shuffled_pass(urls, rng, holdout_keys=frozenset(), stride=1, offset=0):
     return wds.shuffle(SHUFFLE_BUFFER, initial=SHUFFLE_BUFFER // 10, rng=rng)(samples)
 
 
-def consumer_samples(urls, seed, holdout_keys, start_positions):
+def consumer_samples(urls, seed, holdout_keys, start_positions, resampled=False):
     """Endless stream of raw samples for this (rank, dataloader worker).
 
     Shards are dealt round-robin to the ranks x workers consumers; with fewer shards than consumers (or when a
@@ -553,6 +559,7 @@ def consumer_samples(urls, seed, holdout_keys, start_positions):
     cycles through its part forever, one shuffled pass per cycle, so every rank can run the same number of steps
     and none waits on another that ran dry. A resumed run passes the number of raw samples each consumer had used
     (`start_positions`); the stream skips that many undecoded, so it continues exactly where it stopped.
+    With `resampled`, each pass draws as many shards as the consumer's part holds, with replacement.
     """
     rank, world_size, worker, num_workers = wds.utils.pytorch_worker_info()
     consumers, me = world_size * num_workers, rank * num_workers + worker
@@ -564,6 +571,8 @@ def consumer_samples(urls, seed, holdout_keys, start_positions):
         parts.insert(0, (urls[me::consumers], 1, 0))
     for cycle in itertools.count():
         shard_list, stride, offset = parts[0]
+        if resampled:
+            shard_list = random.Random(f"{seed}-{cycle}-{me}-resample").choices(urls, k=len(shard_list))
         # When consumers share shards they must all read them in the same order, so `me` stays out of that seed.
         rng = random.Random(f"{seed}-{cycle}-{me if stride == 1 and len(shard_list) < len(urls) else 'all'}")
         read = 0
@@ -598,7 +607,7 @@ def make_train_dataloader(args, tokenizer, holdout_keys=frozenset(), start_posit
     seed = 0 if args.seed is None else args.seed
     rank = wds.utils.pytorch_worker_info()[0]
     pipeline = wds.DataPipeline(
-        partial(consumer_samples, urls, seed, frozenset(holdout_keys), start_positions),
+        partial(consumer_samples, urls, seed, frozenset(holdout_keys), start_positions, args.resampled_shards),
         wds.map(partial(make_tile_pair, tokenizer=tokenizer, args=args, rng=random), handler=count_skip),
         partial(batches_of, size=args.train_batch_size),
     )
@@ -1369,10 +1378,13 @@ def main(args):
         logger.info(f"Checkpoint is already at step {global_step} >= --max_train_steps; no more training steps")
 
     def validate(step, controlnet_to_use, is_final_validation=False):
-        return log_validation(
-            vae, text_encoder, tokenizer, unet, controlnet_to_use, noise_scheduler, args, accelerator, weight_dtype,
-            step, holdout, is_final_validation,
-        )
+        # Validation draws no random numbers from training's streams: a run with other --validation_steps trains alike.
+        cuda = [accelerator.device.index or 0] if accelerator.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda):
+            return log_validation(
+                vae, text_encoder, tokenizer, unet, controlnet_to_use, noise_scheduler, args, accelerator, weight_dtype,
+                step, holdout, is_final_validation,
+            )
 
     progress_bar = tqdm(
         range(args.max_train_steps),
@@ -1387,6 +1399,8 @@ def main(args):
         keys_file = open(os.path.join(args.output_dir, "sample_keys", f"rank-{accelerator.process_index}.txt"), "a")
     stopped_by = None
     image_logs = None
+    if accelerator.is_main_process and global_step == 0 and holdout is not None:
+        validate(0, unwrap_model(controlnet))  # the baseline: a fresh ControlNet's gap is exactly 0
     with endless_batches(train_dataloader) as batches:
         while global_step < args.max_train_steps:
             with meter.waiting_for_data():
@@ -1429,7 +1443,9 @@ def main(args):
             with meter.paused():
                 if global_step % args.checkpointing_steps == 0 or stopped_by:
                     save_checkpoint(accelerator, args, global_step, progress.positions(accelerator))
-                if accelerator.is_main_process and global_step % args.validation_steps == 0 and (args.validation_prompt or holdout):
+                # The last step's validation is the final one, below, on the model as saved.
+                validation_due = global_step % args.validation_steps == 0 and global_step < args.max_train_steps
+                if accelerator.is_main_process and validation_due and (args.validation_prompt or holdout):
                     image_logs = validate(global_step, unwrap_model(controlnet))
             if stopped_by:
                 logger.warning(f"{stopped_by} received: stopped at step {global_step} after saving checkpoint-{global_step};"

@@ -7,7 +7,7 @@
     float tensors (target in [-1, 1]), the same tokenization, torch.stack batches of 32
 (c) limit: reading the tar + full JPEG decode to RGB, nothing else
 
-Prints img/s for each (best of --passes passes after a warm-up pass), then `data_vs_seed` and `data_vs_limit`.
+Prints img/s for each (best of --passes alternating passes after a warm-up pass), then `data_vs_seed` and `data_vs_limit`.
 Shards are LAION-like: JPEGs (q90) of random crops/rescales of scikit-image's photos, short side 300..975 px
 (long side up to ~1300), with .txt captions and img2dataset .json metadata.
 """
@@ -89,13 +89,17 @@ def limit_pass(urls, tokenizer, args):
     return n
 
 
-def best_rate(fn, *a, passes=3):
-    fn(*a)  # warm-up: page cache, tokenizer caches, allocator
-    best = 0.0
+def best_rates(fns, *a, passes=5):
+    """Warm each up (page cache, tokenizer, allocator), then alternate them pass by pass: best img/s of each.
+    Alternating spreads any background load on the machine over all pipelines alike."""
+    for fn in fns.values():
+        fn(*a)
+    best = dict.fromkeys(fns, 0.0)
     for _ in range(passes):
-        t = time.perf_counter()
-        n = fn(*a)
-        best = max(best, n / (time.perf_counter() - t))
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            n = fn(*a)
+            best[name] = max(best[name], n / (time.perf_counter() - t))
     return best
 
 
@@ -104,7 +108,7 @@ def main():
     p.add_argument("--num_images", type=int, default=200)
     p.add_argument("--resolution", type=int, default=256)
     p.add_argument("--condition_resolution", type=int, default=64)
-    p.add_argument("--passes", type=int, default=3)
+    p.add_argument("--passes", type=int, default=5)
     p.add_argument("--only", choices=["project", "seed", "limit"], default=None, help="time one pipeline (profiling)")
     cli = p.parse_args()
     torch.set_num_threads(1)
@@ -125,10 +129,9 @@ def main():
         args.pretrained_model_name_or_path = os.path.join(tmp, "tiny")
         tokenizer = tc.load_tokenizer(args)
 
-        rates = {}
-        for name, fn in (("project", project_pass), ("seed", seed_pass), ("limit", limit_pass)):
-            if cli.only in (None, name):
-                rates[name] = best_rate(fn, urls, tokenizer, args, passes=cli.passes)
+        fns = {"project": project_pass, "seed": seed_pass, "limit": limit_pass}
+        rates = best_rates({k: f for k, f in fns.items() if cli.only in (None, k)}, urls, tokenizer, args,
+                           passes=cli.passes)
         print(f"{type(tokenizer).__name__}, {cli.resolution} px, condition {cli.condition_resolution} px, batch {BATCH},"
               f" 1 process x {torch.get_num_threads()} thread, best of {cli.passes} passes")
         labels = {"project": "(a) project make_tile_pair + collate_fn",

@@ -105,7 +105,7 @@ def test_run_logs_metrics_to_tensorboard_and_jsonl_and_plots(tiny_model, shards,
                 "holdout/condition_gap", "holdout/condition_psnr", "holdout/condition_psnr_rolled"):
         assert tag in tb, (tag, sorted(tb))
     assert [s for s, _ in tb["loss"]] == [2, 4, 6]
-    assert [s for s, _ in tb["holdout/condition_gap"]][:2] == [3, 6]
+    assert [s for s, _ in tb["holdout/condition_gap"]] == [0, 3, 6]  # baseline, validation, final
 
     rows = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl"))]
     train_rows = [r for r in rows if "loss" in r]
@@ -115,6 +115,7 @@ def test_run_logs_metrics_to_tensorboard_and_jsonl_and_plots(tiny_model, shards,
         assert 0 <= r["data_wait_share"] <= 1
     assert [r["data/samples_read"] for r in train_rows] == [4, 8, 12]  # batch 2 x 2 steps per interval, no skips
     holdout_rows = [r for r in rows if "holdout/condition_gap" in r]
+    assert holdout_rows[0]["step"] == 0 and holdout_rows[0]["holdout/condition_gap"] == 0.0  # zero-initialised
     for r in holdout_rows:
         assert abs(r["holdout/condition_gap"] - (r["holdout/loss_rolled_condition"] - r["holdout/loss"])) < 1e-9
         assert 0 < r["holdout/condition_psnr"] < 100

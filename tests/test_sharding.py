@@ -88,3 +88,13 @@ def test_two_nodes_complete_and_read_disjoint_data(tiny_model, shards, tmp_path)
     assert {k for _, _, k in by_rank[0]}.isdisjoint({k for _, _, k in by_rank[1]})
     assert os.path.isfile(os.path.join(out, "checkpoint-6", "random_states_1.pkl"))
     assert os.path.isfile(os.path.join(out, "diffusion_pytorch_model.safetensors"))
+
+
+def test_resampled_shards_draw_with_replacement(shards, tiny_model):
+    args = loader_args(shards, workers=0, batch_size=12)
+    args.resampled_shards, args.pretrained_model_name_or_path = True, tiny_model
+    batches = iter(tc.make_train_dataloader(args, tc.load_tokenizer(args)))
+    keys = [k for _ in range(20) for k in next(batches)["keys"]]  # 4 passes of 5 drawn shards
+    assert len(keys) == 240
+    per_pass = [keys[i:i + 60] for i in range(0, 240, 60)]
+    assert any(len(set(p)) < 60 for p in per_pass)  # some shard drawn twice in a pass: samples repeat

@@ -72,7 +72,7 @@ def test_reference_command_flag_set(tiny_model, shards, tmp_path):
     trained = ControlNetModel.from_pretrained(out)
     assert trained.config.conditioning_channels == 3
     # Validation grids: one row per prompt, condition + 2 samples per row, at 64 px.
-    for name in ("step-000002.png", "step-000004.png", "final-000004.png"):
+    for name in ("step-000002.png", "final-000004.png"):  # the last step validates the saved model only
         grid = Image.open(os.path.join(out, "validation", name))
         assert grid.size == (3 * 64, 2 * 64)
     assert os.path.isfile(os.path.join(out, "README.md")) and "controlnet-tile" in open(os.path.join(out, "README.md")).read()
