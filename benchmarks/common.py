@@ -3,7 +3,6 @@
 Nothing here asserts a timing; the scripts print figures measured side by side in one run.
 """
 
-import inspect
 import os
 import sys
 import time
@@ -59,11 +58,6 @@ def sd1_models(text_layers=12, vae_sample_size=256):
     return (scheduler, text_encoder, vae, unet, ControlNetModel.from_unet(unet)), build_tokenizer()
 
 
-# The trainer is moving from text_encoder + input_ids inside controlnet_loss to prompt states computed outside it
-# (PromptEncoder); the project step follows whichever this checkout has.
-PROMPT_STATES_API = "encoder_hidden_states" in inspect.signature(tc.controlnet_loss).parameters
-
-
 def setup(models, tokenizer, accelerator, args):
     """What train_controlnet.main does between loading the models and the loop (no trackers, no data)."""
     from diffusers.optimization import get_scheduler
@@ -96,7 +90,7 @@ def setup(models, tokenizer, accelerator, args):
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     for frozen in (vae, unet, text_encoder):
         frozen.to(accelerator.device, dtype=weight_dtype)
-    encode_prompts = tc.PromptEncoder(text_encoder, tokenizer, accelerator.device) if PROMPT_STATES_API else None
+    encode_prompts = tc.PromptEncoder(text_encoder, tokenizer, accelerator.device)
     return SimpleNamespace(args=args, accelerator=accelerator, noise_scheduler=noise_scheduler, vae=vae, unet=unet,
                            text_encoder=text_encoder, controlnet=controlnet, optimizer=optimizer,
                            lr_scheduler=lr_scheduler, weight_dtype=weight_dtype, encode_prompts=encode_prompts,
@@ -104,7 +98,8 @@ def setup(models, tokenizer, accelerator, args):
 
 
 def make_batches(n, batch_size, resolution, tokenizer, seed=0):
-    """Fixed host-side batches shaped like the loader's (pinned when CUDA is there, as the trainer's loader is).
+    """Fixed host-side batches shaped like each loader's: uint8 images for the project (normalised on the device),
+    float ones for the reference (as upstream's collate makes them); pinned when CUDA is there, as loaders do.
     No empty captions: --proportion_empty_prompts is 0 by default."""
     g = torch.Generator().manual_seed(seed)
     captions = ["a tabby cat looking at the camera", "a red motorcycle parked in a garage", "the moon at night"]
@@ -113,9 +108,12 @@ def make_batches(n, batch_size, resolution, tokenizer, seed=0):
         caps = [captions[(i + j) % len(captions)] for j in range(batch_size)]
         ids = tokenizer(caps, max_length=tokenizer.model_max_length, padding="max_length", truncation=True,
                         return_tensors="pt").input_ids
+        images = torch.randint(0, 256, (2, batch_size, 3, resolution, resolution), generator=g, dtype=torch.uint8)
         batch = {
-            "pixel_values": torch.rand(batch_size, 3, resolution, resolution, generator=g) * 2 - 1,
-            "conditioning_pixel_values": torch.rand(batch_size, 3, resolution, resolution, generator=g),
+            "pixel_values": images[0],
+            "conditioning_pixel_values": images[1],
+            "reference_pixel_values": images[0].float() / 127.5 - 1,
+            "reference_conditioning_pixel_values": images[1].float() / 255,
             "input_ids": ids,
         }
         if torch.cuda.is_available():
@@ -128,14 +126,9 @@ def project_step(s, batch):
     """The body of train_controlnet.main's loop, data wait and logging-step bookkeeping left out."""
     device = s.accelerator.device
     with s.accelerator.accumulate(s.controlnet):
-        pixels = batch["pixel_values"].to(device, non_blocking=True)
-        conditions = batch["conditioning_pixel_values"].to(device, non_blocking=True)
-        if PROMPT_STATES_API:
-            loss = tc.controlnet_loss(s.vae, s.unet, s.controlnet, s.noise_scheduler, pixels, conditions,
-                                      s.encode_prompts(batch["input_ids"]), s.weight_dtype).mean()
-        else:
-            loss = tc.controlnet_loss(s.vae, s.text_encoder, s.unet, s.controlnet, s.noise_scheduler, pixels, conditions,
-                                      batch["input_ids"].to(device, non_blocking=True), s.weight_dtype).mean()
+        pixels, conditions = tc.model_inputs(batch, device)
+        loss = tc.controlnet_loss(s.vae, s.unet, s.controlnet, s.noise_scheduler, pixels, conditions,
+                                  s.encode_prompts(batch["input_ids"]), s.weight_dtype).mean()
         s.accelerator.backward(loss)
         grad_norm = None
         if s.accelerator.sync_gradients:
@@ -150,7 +143,8 @@ def reference_step(s, batch):
     """One step as diffusers' examples/controlnet/train_controlnet.py writes it (incl. its per-step loss.item())."""
     vae, unet, controlnet, noise_scheduler, accelerator = s.vae, s.unet, s.controlnet, s.noise_scheduler, s.accelerator
     weight_dtype = s.weight_dtype
-    batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in batch.items()}  # prepared loader
+    batch = {k.removeprefix("reference_"): v.to(accelerator.device, non_blocking=True)  # prepared loader
+             for k, v in batch.items() if k.startswith("reference_") or k == "input_ids"}
     with accelerator.accumulate(controlnet):
         latents = vae.encode(batch["pixel_values"].to(dtype=weight_dtype)).latent_dist.sample()
         latents = latents * vae.config.scaling_factor

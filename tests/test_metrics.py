@@ -45,10 +45,11 @@ def toy_unet(noisy, t, encoder_hidden_states, down_block_additional_residuals, m
 
 def test_condition_use_gap_is_its_definition_on_a_toy_model():
     scheduler = DDPMScheduler(num_train_timesteps=1000)
-    levels = torch.tensor([0.1, 0.4, 0.7, 1.0])
+    pixels = torch.tensor([25, 100, 180, 255], dtype=torch.uint8)  # held-out batches are uint8, like training's
+    levels = pixels.float() / 255
     holdout = {
-        "pixel_values": torch.zeros(N, 3, 8, 8),
-        "conditioning_pixel_values": levels.view(N, 1, 1, 1).expand(N, 3, 8, 8).clone(),
+        "pixel_values": torch.zeros(N, 3, 8, 8, dtype=torch.uint8),
+        "conditioning_pixel_values": pixels.view(N, 1, 1, 1).expand(N, 3, 8, 8).clone(),
         "input_ids": torch.zeros(N, 3, dtype=torch.long),
     }
     models = (ToyVAE(), toy_text_encoder, toy_unet, toy_controlnet)
