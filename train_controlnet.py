@@ -416,7 +416,9 @@ def image_to_tensor(image):
 
 
 def tensor_to_image(tensor):
-    """uint8 CHW tensor -> PIL RGB."""
+    """CHW tensor, uint8 or float in [0, 1] -> PIL RGB."""
+    if tensor.is_floating_point():
+        tensor = (tensor * 255).round().clamp(0, 255).to(torch.uint8)
     return Image.fromarray(tensor.cpu().permute(1, 2, 0).contiguous().numpy())
 
 
@@ -430,10 +432,17 @@ def square_crop(image, size, interpolation, rng=None):
     return resize(image_to_tensor(image.crop((left, top, left + side, top + side))), size, interpolation)
 
 
-def tile_condition(image, condition_resolution, interpolation):
-    """The tile condition: the image reduced to condition_resolution and enlarged back to its own size."""
-    small = resize(image, condition_resolution, interpolation)
-    return resize(small, image.shape[-1], interpolation)
+def enlarge_condition(condition, size, interpolation):
+    """uint8 NCHW tile conditions at the condition resolution -> float in [0, 1] at `size`, on their device.
+
+    The second half of the tile condition (the first is the reduction in make_tile_pair). Done on the training
+    device, it spares the dataloader workers their largest resize. Bilinear and bicubic use torch's antialiased
+    kernels, which match PIL's; the other filters go through PIL.
+    """
+    if interpolation in ("bilinear", "bicubic"):
+        enlarged = F.interpolate(condition.float(), size=(size, size), mode=interpolation, antialias=True)
+        return (enlarged / 255).clamp(0, 1)
+    return torch.stack([resize(c.cpu(), size, interpolation) for c in condition]).to(condition.device).float() / 255
 
 
 def to_rgb(image):
@@ -500,7 +509,7 @@ def make_tile_pair(sample, tokenizer, args, rng=None):
     if rng is not None and rng.random() < args.proportion_empty_prompts:
         caption = ""
     target = square_crop(decode_image(sample[image_key], meta, args), args.resolution, args.interpolation, rng=rng)
-    condition = tile_condition(target, args.condition_resolution, args.interpolation)
+    condition = resize(target, args.condition_resolution, args.interpolation)  # enlarged in model_inputs
     input_ids = tokenizer(
         caption, max_length=tokenizer.model_max_length, padding="max_length", truncation=True, return_tensors="pt"
     ).input_ids[0]
@@ -513,12 +522,13 @@ def make_tile_pair(sample, tokenizer, args, rng=None):
     }
 
 
-def model_inputs(batch, device):
-    """uint8 batch -> (target in [-1, 1], condition in [0, 1]) on the device. Batches travel from the workers and
-    to the device as uint8, a quarter of the bytes of floats."""
+def model_inputs(batch, args, device):
+    """uint8 batch -> (target in [-1, 1], tile condition in [0, 1], enlarged to --resolution) on the device.
+    Batches travel from the workers and to the device as uint8, the condition still small: ~1/5 of the bytes of
+    float targets and conditions."""
     target = batch["pixel_values"].to(device, non_blocking=True).float() / 127.5 - 1
-    condition = batch["conditioning_pixel_values"].to(device, non_blocking=True).float() / 255
-    return target, condition
+    small = batch["conditioning_pixel_values"].to(device, non_blocking=True)
+    return target, enlarge_condition(small, args.resolution, args.interpolation)
 
 
 def collate_fn(examples):
@@ -697,7 +707,8 @@ def validation_pairs(args):
 def validation_condition(path, args):
     """A validation image becomes a condition the way a training image does (centre crop instead of random)."""
     image = square_crop(to_rgb(Image.open(path)), args.resolution, args.interpolation)
-    return tensor_to_image(tile_condition(image, args.condition_resolution, args.interpolation))
+    small = resize(image, args.condition_resolution, args.interpolation)
+    return tensor_to_image(enlarge_condition(small[None], args.resolution, args.interpolation)[0])
 
 
 def image_grid(rows):
@@ -756,7 +767,7 @@ def controlnet_loss(vae, unet, controlnet, noise_scheduler, pixel_values, condit
 HOLDOUT_REPEATS = 4  # noise draws per held-out sample, at timesteps spread over the whole schedule
 
 
-def condition_use(models, noise_scheduler, holdout, weight_dtype, device, seed):
+def condition_use(models, noise_scheduler, holdout, args, weight_dtype, device, seed):
     """Held-out denoising loss with the true conditions and with conditions rolled across the batch.
 
     Same latents, noise and timesteps for both, so their gap measures how much the prediction uses the condition:
@@ -764,7 +775,7 @@ def condition_use(models, noise_scheduler, holdout, weight_dtype, device, seed):
     """
     vae, text_encoder, unet, controlnet = models
     n = holdout["pixel_values"].shape[0]
-    pixel_values, conditions = model_inputs(holdout, device)
+    pixel_values, conditions = model_inputs(holdout, args, device)
     pixel_values = pixel_values.repeat(HOLDOUT_REPEATS, 1, 1, 1)
     with torch.no_grad():
         prompt_states = text_encoder(holdout["input_ids"].to(device), return_dict=False)[0].repeat(HOLDOUT_REPEATS, 1, 1)
@@ -844,9 +855,10 @@ def log_validation(vae, text_encoder, tokenizer, unet, controlnet, noise_schedul
 
     if holdout is not None:
         loss_true, loss_rolled = condition_use(
-            (vae, text_encoder, unet, controlnet), noise_scheduler, holdout, weight_dtype, accelerator.device, seed
+            (vae, text_encoder, unet, controlnet), noise_scheduler, holdout, args, weight_dtype, accelerator.device, seed
         )
-        conditions = [tensor_to_image(c) for c in holdout["conditioning_pixel_values"]]
+        _, enlarged = model_inputs(holdout, args, accelerator.device)
+        conditions = [tensor_to_image(c) for c in enlarged]
         targets = [tensor_to_image(t) for t in holdout["pixel_values"]]
         generator = torch.Generator(device=accelerator.device).manual_seed(seed)
         with torch.no_grad():
@@ -1425,7 +1437,7 @@ def main(args):
             if keys_file:
                 keys_file.writelines(f"{global_step + 1} {batch['consumer']} {key}\n" for key in batch["keys"])
             with accelerator.accumulate(controlnet):
-                pixel_values, conditions = model_inputs(batch, accelerator.device)
+                pixel_values, conditions = model_inputs(batch, args, accelerator.device)
                 loss = controlnet_loss(
                     vae, unet, controlnet, noise_scheduler, pixel_values, conditions, encode_prompts(batch["input_ids"]),
                     weight_dtype,

@@ -42,7 +42,8 @@ def main():
         else:
             models, tokenizer = tiny_models(tmp)
             what = "tools/make_tiny_pipeline.py model"
-        s = setup(models, tokenizer, Accelerator(), trainer_args())
+        args = trainer_args(f"--resolution={resolution}", f"--condition_resolution={resolution // 4}")
+        s = setup(models, tokenizer, Accelerator(), args)
         batches = make_batches(4, batch_size, resolution, tokenizer)
         best = compare({"project": project_step, "reference": reference_step}, s, batches, steps, warmup, rounds)
 

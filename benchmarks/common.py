@@ -111,7 +111,7 @@ def make_batches(n, batch_size, resolution, tokenizer, seed=0):
         images = torch.randint(0, 256, (2, batch_size, 3, resolution, resolution), generator=g, dtype=torch.uint8)
         batch = {
             "pixel_values": images[0],
-            "conditioning_pixel_values": images[1],
+            "conditioning_pixel_values": images[1][..., ::4, ::4].contiguous(),  # shipped small, enlarged on the device
             "reference_pixel_values": images[0].float() / 127.5 - 1,
             "reference_conditioning_pixel_values": images[1].float() / 255,
             "input_ids": ids,
@@ -126,7 +126,7 @@ def project_step(s, batch):
     """The body of train_controlnet.main's loop, data wait and logging-step bookkeeping left out."""
     device = s.accelerator.device
     with s.accelerator.accumulate(s.controlnet):
-        pixels, conditions = tc.model_inputs(batch, device)
+        pixels, conditions = tc.model_inputs(batch, s.args, device)
         loss = tc.controlnet_loss(s.vae, s.unet, s.controlnet, s.noise_scheduler, pixels, conditions,
                                   s.encode_prompts(batch["input_ids"]), s.weight_dtype).mean()
         s.accelerator.backward(loss)

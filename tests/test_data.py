@@ -2,7 +2,6 @@
 
 import io
 import random
-import tarfile
 from types import SimpleNamespace
 
 import numpy as np
@@ -48,10 +47,10 @@ def test_tile_pair_shapes_dtypes_ranges(shards, tokenizer):
     out = pair(first_sample(shards), tokenizer)
     # Pairs travel as uint8 and become model inputs on the device.
     assert out["pixel_values"].shape == (3, RES, RES) and out["pixel_values"].dtype == torch.uint8
-    assert out["conditioning_pixel_values"].shape == (3, RES, RES)
+    assert out["conditioning_pixel_values"].shape == (3, COND, COND)  # enlarged on the device by model_inputs
     assert out["conditioning_pixel_values"].dtype == torch.uint8
     assert out["input_ids"].shape == (tokenizer.model_max_length,) and out["input_ids"].dtype == torch.long
-    target, condition = tc.model_inputs(tc.collate_fn([out]), torch.device("cpu"))
+    target, condition = tc.model_inputs(tc.collate_fn([out]), tile_args(), torch.device("cpu"))
     assert target.shape == condition.shape == (1, 3, RES, RES)
     assert target.dtype == condition.dtype == torch.float32
     assert -1.0 <= target.min() and target.max() <= 1.0
@@ -65,7 +64,8 @@ def test_condition_is_target_reduced_and_enlarged(shards, tokenizer, interpolati
     random.seed(0)
     out = pair(first_sample(shards), tokenizer, interpolation=interpolation)
     target = out["pixel_values"].numpy() / 255
-    cond = out["conditioning_pixel_values"].numpy() / 255
+    _, cond = tc.model_inputs(tc.collate_fn([out]), tile_args(interpolation=interpolation), torch.device("cpu"))
+    cond = cond[0].numpy()
     # Same low-resolution content (compared coarser than COND, where the filters' own blur no longer matters).
     assert np.abs(box_reduce(cond, COND // 2) - box_reduce(target, COND // 2)).mean() < 0.03
     # The enlarged condition equals the target pushed through the low resolution with PIL's filter, pixel for pixel

@@ -7,7 +7,7 @@ import time
 import pytest
 
 import train_controlnet as tc
-from conftest import ROOT, assert_ok, run_cli
+from conftest import assert_ok, run_cli
 from test_data import tile_args
 
 
@@ -46,7 +46,7 @@ def test_every_usable_sample_used_every_bad_one_counted(faulty, tokenizer):
     assert counts == expected
     assert open_fds() <= fds  # every shard's file was closed, the cut one too
     for p in pairs:  # mode conversions: every used sample is a proper RGB tile pair
-        assert p["pixel_values"].shape == (3, 64, 64) and p["conditioning_pixel_values"].shape == (3, 64, 64)
+        assert p["pixel_values"].shape == (3, 64, 64) and p["conditioning_pixel_values"].shape == (3, 16, 16)
 
 
 def test_transparent_sample_reads_as_white(faulty, tokenizer):

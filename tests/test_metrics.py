@@ -53,7 +53,8 @@ def test_condition_use_gap_is_its_definition_on_a_toy_model():
         "input_ids": torch.zeros(N, 3, dtype=torch.long),
     }
     models = (ToyVAE(), toy_text_encoder, toy_unet, toy_controlnet)
-    true_loss, rolled_loss = tc.condition_use(models, scheduler, holdout, torch.float32, torch.device("cpu"), seed=7)
+    args = SimpleNamespace(resolution=8, interpolation="bicubic")  # conditions already at 8 px: enlarging is a no-op
+    true_loss, rolled_loss = tc.condition_use(models, scheduler, holdout, args, torch.float32, torch.device("cpu"), seed=7)
 
     # By hand: target = noise (the generator's first draw), prediction = the mean of the condition used.
     reps = tc.HOLDOUT_REPEATS
@@ -67,7 +68,8 @@ def test_condition_use_gap_is_its_definition_on_a_toy_model():
 
     # A ControlNet that ignores its condition has a gap of exactly zero: same latents, noise and timesteps.
     blind = lambda noisy, t, encoder_hidden_states, controlnet_cond, return_dict=False: ([], torch.full((N * reps, 4, LATENT, LATENT), 0.5))
-    t, r = tc.condition_use((ToyVAE(), toy_text_encoder, toy_unet, blind), scheduler, holdout, torch.float32, torch.device("cpu"), seed=7)
+    t, r = tc.condition_use((ToyVAE(), toy_text_encoder, toy_unet, blind), scheduler, holdout, args, torch.float32,
+                            torch.device("cpu"), seed=7)
     assert t == r
 
 

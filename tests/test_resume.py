@@ -8,7 +8,6 @@ import time
 
 import psutil
 import pytest
-import torch
 from safetensors.torch import load_file
 
 import train_controlnet as tc

@@ -6,12 +6,11 @@ import socket
 import subprocess
 from collections import defaultdict
 
-import pytest
 
 import train_controlnet as tc
 from conftest import ACCELERATE, ROOT, assert_ok, run_cli
 from test_data import loader_args, shard_keys
-from test_train import base_args, logged_steps
+from test_train import base_args
 
 
 def consumed(output_dir):

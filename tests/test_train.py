@@ -4,7 +4,6 @@ import glob
 import os
 import re
 
-import pytest
 from PIL import Image
 
 from conftest import ROOT, assert_ok, run_cli
