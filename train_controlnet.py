@@ -863,11 +863,11 @@ def log_validation(vae, text_encoder, tokenizer, unet, controlnet, noise_schedul
         generator = torch.Generator(device=accelerator.device).manual_seed(seed)
         with torch.no_grad():
             outputs = generate(holdout["captions"], conditions, generator=generator).images
-        # Fidelity to the condition: the output reduced to the condition resolution against the target reduced
-        # the same way; the same against another sample's condition is the control.
-        filt, size = INTERPOLATIONS[args.interpolation], (args.condition_resolution,) * 2
-        small_out = [im.resize(size, filt) for im in outputs]
-        small_target = [im.resize(size, filt) for im in targets]
+        # Fidelity to the condition: the output reduced to the condition resolution by the same resize that made
+        # the held-out conditions, against those conditions; against another sample's condition is the control.
+        small_out = [tensor_to_image(resize(image_to_tensor(im), args.condition_resolution, args.interpolation))
+                     for im in outputs]
+        small_target = [tensor_to_image(c) for c in holdout["conditioning_pixel_values"]]
         rolled_target = small_target[-1:] + small_target[:-1]
         metrics = {
             "holdout/loss": loss_true,
