@@ -8,15 +8,15 @@ from conftest import ROOT, assert_ok, run_cli
 from test_train import base_args
 
 TRAINED_BASE = str(ROOT / "tools" / "tiny-sd-trained")
-STEPS = 300
+STEPS = 150
 
 
 def test_shipped_base_has_learned_to_draw():
     from make_tiny_pipeline import score
 
     scores = score(TRAINED_BASE)
-    # Shipped: 21.70 dB and 0.145. A random pipeline of the same shape scores ~11.3 dB and ~1.09.
-    assert scores["vae_psnr_db"] > 21.0 and scores["unet_loss"] < 0.16, scores
+    # Shipped: 21.70 dB and a v-prediction loss of 0.435. A random pipeline of the same shape scores ~11.3 dB and ~1.0.
+    assert scores["vae_psnr_db"] > 21.0 and scores["unet_loss"] < 0.47, scores
 
 
 def test_controlnet_follows_its_condition_after_a_short_run(shards, tmp_path):
@@ -26,11 +26,17 @@ def test_controlnet_follows_its_condition_after_a_short_run(shards, tmp_path):
                              num_holdout_samples=16, dataloader_num_workers=1), cwd=tmp_path)
     assert_ok(proc)
     rows = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl"))]
-    held = [r for r in rows if "holdout/condition_gap" in r][-1]
-    # Its noise, measured with two noise seeds on this held-out set, is ~0.01; a ControlNet that never sees its
-    # condition scores exactly 0.
-    assert held["holdout/condition_gap"] > 0.03, held
-    # Outputs resemble their own condition more than another sample's.
-    assert held["holdout/condition_psnr"] > held["holdout/condition_psnr_rolled"] + 1.0, held
+    held = [r for r in rows if "holdout/condition_gap" in r]
+    start, end = held[0], held[-1]
+    assert start["step"] == 0 and end["step"] == STEPS, held
+    # A fresh ControlNet adds nothing: exactly 0. After the run +0.87 (measured here), while the gap's spread over
+    # noise seeds on this held-out set is ~0.05; with the condition zeroed before the ControlNet it stays 0.0.
+    assert start["holdout/condition_gap"] == 0.0, start
+    assert end["holdout/condition_gap"] > 0.25, end
+    # Sampled outputs, reduced to the condition resolution, resemble their own condition far more than another
+    # sample's, and than the base alone made them from the prompt at step 0. Measured here: +8.7 dB and +4.9 dB;
+    # with the condition fed to training in [-1, 1] instead of the pipeline's [0, 1], +3.9 dB and +1.3 dB.
+    assert end["holdout/condition_psnr"] > end["holdout/condition_psnr_rolled"] + 5.0, end
+    assert end["holdout/condition_psnr"] > start["holdout/condition_psnr"] + 3.0, held
     train = [r for r in rows if "loss" in r]
     assert train[-1]["loss"] < train[0]["loss"]

@@ -10,7 +10,11 @@ By default the weights are random: enough to prove plumbing, never learning. Wit
 scikit-image photos, so that a ControlNet trained on top visibly follows its condition:
 
     python tools/make_tiny_pipeline.py --output_dir /tmp/tiny-sd --trained [--vae_steps N --unet_steps M]
-        [--vae_minutes 4 --unet_minutes 4]
+        [--vae_minutes 4 --unet_minutes 4] [--prediction_type v_prediction]
+
+The random pipeline predicts epsilon, like SD 1.x; the trained one predicts v (SD 2.x's objective) unless told
+otherwise, because at 8x8 latents epsilon-prediction leaves the low frequencies, which are what a tile condition
+carries, almost unweighted at the high noise levels where sampling decides them (README: "The shipped tiny base").
 """
 
 import argparse
@@ -161,7 +165,7 @@ def build_tokenizer():
         shutil.rmtree(tmp)
 
 
-def build_pipeline(seed=0):
+def build_pipeline(seed=0, prediction_type="epsilon"):
     from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -220,7 +224,7 @@ def build_pipeline(seed=0):
             beta_start=0.00085,
             beta_end=0.012,
             beta_schedule="scaled_linear",
-            prediction_type="epsilon",
+            prediction_type=prediction_type,
             clip_sample=False,
             set_alpha_to_one=False,
             steps_offset=1,
@@ -247,8 +251,8 @@ def write_pipeline(pipe, output_dir):
     return output_dir
 
 
-def save_pipeline(output_dir, seed=0):
-    return write_pipeline(build_pipeline(seed), output_dir)
+def save_pipeline(output_dir, seed=0, prediction_type="epsilon"):
+    return write_pipeline(build_pipeline(seed, prediction_type), output_dir)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -351,7 +355,7 @@ def encode_prompts(pipe, captions):
 
 
 def denoising_loss(pipe, images, captions, noise=None, timesteps=None):
-    """The trainer's objective for the bare UNet: predict the noise added to the scaled latents."""
+    """The trainer's objective for the bare UNet: predict the noise (or v) of the noised scaled latents."""
     with torch.no_grad():
         posterior = pipe.vae.encode(images).latent_dist
         latents = (posterior.mode() if noise is not None else posterior.sample()) * pipe.vae.config.scaling_factor
@@ -360,7 +364,11 @@ def denoising_loss(pipe, images, captions, noise=None, timesteps=None):
         noise = torch.randn_like(latents)
         timesteps = torch.randint(0, pipe.scheduler.config.num_train_timesteps, (len(images),))
     noisy = pipe.scheduler.add_noise(latents, noise, timesteps)
-    return F.mse_loss(pipe.unet(noisy, timesteps, hidden).sample, noise)
+    if pipe.scheduler.config.prediction_type == "v_prediction":
+        target = pipe.scheduler.get_velocity(latents, noise, timesteps)
+    else:
+        target = noise
+    return F.mse_loss(pipe.unet(noisy, timesteps, hidden).sample, target)
 
 
 @torch.no_grad()
@@ -373,7 +381,7 @@ def held_out_denoising_loss(pipe, images, captions, seed=0):
 
 
 def train_unet(pipe, sources, rng, steps=None, minutes=None, batch_size=32, lr=1e-3, proportion_empty=0.1):
-    """Epsilon denoiser on the VAE's latents, conditioned on the real captions (10% empty, as for CFG training).
+    """Denoiser on the VAE's latents, conditioned on the real captions (10% empty, as for CFG training).
     The random text encoder stays frozen, as in the trainer: it still gives each caption its own embedding."""
     optimizer = torch.optim.AdamW(pipe.unet.parameters(), lr=lr)
     pipe.unet.train()
@@ -386,11 +394,12 @@ def train_unet(pipe, sources, rng, steps=None, minutes=None, batch_size=32, lr=1
     return step + 1
 
 
-def train_base(output_dir, vae_minutes=4, unet_minutes=4, seed=0, vae_steps=None, unet_steps=None):
+def train_base(output_dir, vae_minutes=4, unet_minutes=4, seed=0, vae_steps=None, unet_steps=None,
+               prediction_type="v_prediction"):
     """Build the random pipeline, train its VAE then its UNet within their budgets, save it like the random one."""
     from make_shards import load_sources
 
-    pipe = build_pipeline(seed)
+    pipe = build_pipeline(seed, prediction_type)
     sources = load_sources()
     # The held-out crops come from their own stream; they are other crops of the same 18 photos.
     held_out, held_out_captions = held_out_set(seed)
@@ -450,7 +459,7 @@ def verify(model_dir):
     unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet")
     scheduler = DDPMScheduler.from_pretrained(model_dir, subfolder="scheduler")
     assert text_encoder.config.architectures == ["CLIPTextModel"]
-    assert scheduler.config.prediction_type == "epsilon"
+    assert scheduler.config.prediction_type in ("epsilon", "v_prediction")
 
     texts = ["", "a dog sitting on the grass", "Ünïcödé café — 猫 🐶 ", "home office " * 60]
     for tok in (tok_auto, tokenizer):
@@ -504,6 +513,8 @@ def main():
     parser.add_argument("--unet_steps", type=int, default=None, help="UNet steps (a reproducible budget)")
     parser.add_argument("--vae_minutes", type=float, default=None, help="time cap (default 4 without --vae_steps)")
     parser.add_argument("--unet_minutes", type=float, default=None, help="time cap (default 4 without --unet_steps)")
+    parser.add_argument("--prediction_type", choices=["epsilon", "v_prediction"], default=None,
+                        help="the UNet's objective (default: v_prediction with --trained, else epsilon as in SD 1.x)")
     args = parser.parse_args()
     if args.score:
         for model_dir in args.score:
@@ -516,9 +527,10 @@ def main():
     if args.trained:
         vae_minutes = args.vae_minutes if args.vae_minutes or args.vae_steps else 4
         unet_minutes = args.unet_minutes if args.unet_minutes or args.unet_steps else 4
-        train_base(args.output_dir, vae_minutes, unet_minutes, args.seed, args.vae_steps, args.unet_steps)
+        train_base(args.output_dir, vae_minutes, unet_minutes, args.seed, args.vae_steps, args.unet_steps,
+                   args.prediction_type or "v_prediction")
     else:
-        save_pipeline(args.output_dir, args.seed)
+        save_pipeline(args.output_dir, args.seed, args.prediction_type or "epsilon")
     if not args.skip_verify:
         name, fast = verify(args.output_dir)
         print(f"verified: tokenizer {name} (is_fast={fast}), 64x64 image -> 4x8x8 latents, ControlNet+UNet, 2-step pipeline")

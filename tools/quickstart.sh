@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Quickstart, offline and on CPU: venv, real-photo shards, then a short ControlNet-tile run through
-# `accelerate launch` on the shipped tiny base (tools/tiny-sd-trained, a tiny SD-1.x that has learned to draw),
-# ending with the held-out evidence that the ControlNet follows its condition.
+# `accelerate launch` on the shipped tiny base (tools/tiny-sd-trained, a tiny SD-1.x-shaped v-prediction model that
+# has learned to draw), ending with the held-out evidence that the ControlNet follows its condition.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 QS=${QUICKSTART_DIR:-quickstart}
