@@ -15,7 +15,7 @@ def test_shipped_base_has_learned_to_draw():
     from make_tiny_pipeline import score
 
     scores = score(TRAINED_BASE)
-    # Shipped: 21.70 dB and a v-prediction loss of 0.435. A random pipeline of the same shape scores ~11.3 dB and ~1.0.
+    # Shipped: 21.70 dB and a v-prediction loss of 0.4365. A random pipeline of the same shape: ~11.3 dB and 1.09.
     assert scores["vae_psnr_db"] > 21.0 and scores["unet_loss"] < 0.47, scores
 
 

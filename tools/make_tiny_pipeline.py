@@ -14,7 +14,8 @@ scikit-image photos, so that a ControlNet trained on top visibly follows its con
 
 The random pipeline predicts epsilon, like SD 1.x; the trained one predicts v (SD 2.x's objective) unless told
 otherwise, because at 8x8 latents epsilon-prediction leaves the low frequencies, which are what a tile condition
-carries, almost unweighted at the high noise levels where sampling decides them (README: "The shipped tiny base").
+carries, almost unweighted at the high noise levels where sampling decides them (README: "Why its UNet predicts
+v, not epsilon").
 """
 
 import argparse
