@@ -46,7 +46,9 @@ INTERPOLATIONS = {
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 CAPTION_KEYS = ("txt", "text", "caption")
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+TORCH_FILTERS = ("bilinear", "bicubic")  # filters with antialiased torch kernels; the others go through PIL
 SHUFFLE_BUFFER = 1000  # raw (undecoded) samples per worker, ~30 MB for LAION jpgs
+TILE_CONFIG = "tile_config.json"  # how a saved ControlNet's conditions were made, for upscale.py
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -399,14 +401,15 @@ DATA_STATS = collections.Counter()
 
 
 def resize(image, size, interpolation):
-    """uint8 CHW tensor -> size x size uint8 CHW tensor, antialiased like PIL.
+    """uint8 CHW tensor -> uint8 CHW tensor of `size` (an int for a square, or (height, width)), antialiased like PIL.
 
     Bilinear and bicubic use torch's antialiased uint8 kernels: within rounding of PIL's result and ~4x faster;
     the other filters go through PIL.
     """
-    if interpolation in ("bilinear", "bicubic"):
-        return F.interpolate(image[None], size=(size, size), mode=interpolation, antialias=True)[0]
-    pil = Image.fromarray(image.permute(1, 2, 0).numpy()).resize((size, size), INTERPOLATIONS[interpolation])
+    h, w = (size, size) if isinstance(size, int) else size
+    if interpolation in TORCH_FILTERS:
+        return F.interpolate(image[None], size=(h, w), mode=interpolation, antialias=True)[0]
+    pil = Image.fromarray(image.permute(1, 2, 0).numpy()).resize((w, h), INTERPOLATIONS[interpolation])
     return image_to_tensor(pil)
 
 
@@ -433,16 +436,20 @@ def square_crop(image, size, interpolation, rng=None):
 
 
 def enlarge_condition(condition, size, interpolation):
-    """uint8 NCHW tile conditions at the condition resolution -> float in [0, 1] at `size`, on their device.
+    """uint8 NCHW tile conditions at the condition resolution -> float in [0, 1] at `size` (int or (height, width)).
 
-    The second half of the tile condition (the first is the reduction in make_tile_pair). Done on the training
-    device, it spares the dataloader workers their largest resize. Bilinear and bicubic use torch's antialiased
-    kernels, which match PIL's; the other filters go through PIL.
+    The second half of the tile condition (the first is the reduction in make_tile_pair), also what makes an
+    upscaler's condition from a low-resolution image. Bilinear and bicubic run as torch's antialiased kernels on the
+    tensors' device (the training device: it spares the dataloader workers their largest resize); the other
+    filters have no torch kernel and need the tensors on the CPU (see model_inputs).
     """
-    if interpolation in ("bilinear", "bicubic"):
-        enlarged = F.interpolate(condition.float(), size=(size, size), mode=interpolation, antialias=True)
+    if interpolation in TORCH_FILTERS:
+        enlarged = F.interpolate(condition.float(), size=size if isinstance(size, int) else tuple(size),
+                                 mode=interpolation, antialias=True)
         return (enlarged / 255).clamp(0, 1)
-    return torch.stack([resize(c.cpu(), size, interpolation) for c in condition]).to(condition.device).float() / 255
+    if condition.device.type != "cpu":
+        raise ValueError(f"--interpolation={interpolation} enlarges on the CPU; got a {condition.device} tensor")
+    return torch.stack([resize(c, size, interpolation) for c in condition]).float() / 255
 
 
 def to_rgb(image):
@@ -525,10 +532,13 @@ def make_tile_pair(sample, tokenizer, args, rng=None):
 def model_inputs(batch, args, device):
     """uint8 batch -> (target in [-1, 1], tile condition in [0, 1], enlarged to --resolution) on the device.
     Batches travel from the workers and to the device as uint8, the condition still small: ~1/5 of the bytes of
-    float targets and conditions."""
+    float targets and conditions. Filters without a torch kernel enlarge on the host first, so that nothing is
+    copied back from the device (a host sync)."""
     target = batch["pixel_values"].to(device, non_blocking=True).float() / 127.5 - 1
-    small = batch["conditioning_pixel_values"].to(device, non_blocking=True)
-    return target, enlarge_condition(small, args.resolution, args.interpolation)
+    small = batch["conditioning_pixel_values"]
+    if args.interpolation in TORCH_FILTERS:
+        small = small.to(device, non_blocking=True)
+    return target, enlarge_condition(small, args.resolution, args.interpolation).to(device, non_blocking=True)
 
 
 def collate_fn(examples):
@@ -894,6 +904,34 @@ def log_validation(vae, text_encoder, tokenizer, unet, controlnet, noise_schedul
     return image_logs
 
 
+def tile_config(args):
+    """How this run makes its conditions: saved beside every ControlNet it writes, read back by upscale.py."""
+    return {
+        "resolution": args.resolution,
+        "condition_resolution": args.condition_resolution,
+        "scale": args.resolution / args.condition_resolution,
+        "interpolation": args.interpolation,
+    }
+
+
+def save_tile_config(args, directory):
+    with open(os.path.join(directory, TILE_CONFIG), "w") as f:
+        json.dump(tile_config(args), f, indent=2)
+
+
+def load_tile_config(directory):
+    """The tile settings saved with a ControlNet; a folder from before they were saved gets this script's defaults."""
+    path = os.path.join(directory, TILE_CONFIG)
+    if os.path.isfile(path):
+        with open(path) as f:
+            return json.load(f)
+    defaults = parse_args(["--train_shards_path_or_url=unused", "--max_train_steps=1"])
+    logger.warning(f"no {TILE_CONFIG} in {directory} (saved before tile settings were recorded): assuming the"
+                   f" trainer's defaults, {defaults.resolution} px targets from {defaults.condition_resolution} px"
+                   f" conditions, {defaults.interpolation}")
+    return tile_config(defaults)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Checkpoints
 
@@ -976,11 +1014,13 @@ def save_checkpoint(accelerator, args, step, data_positions):
                 shutil.rmtree(old)
 
 
-def save_final_model(controlnet, output_dir):
+def save_final_model(controlnet, args):
     """save_pretrained into a temporary folder, then move each file into place: never a half-written model file."""
+    output_dir = args.output_dir
     partial_path = os.path.join(output_dir, ".final.partial")
     shutil.rmtree(partial_path, ignore_errors=True)
     controlnet.save_pretrained(partial_path)
+    save_tile_config(args, partial_path)
     for name in os.listdir(partial_path):
         os.replace(os.path.join(partial_path, name), os.path.join(output_dir, name))
     os.rmdir(partial_path)
@@ -1287,6 +1327,7 @@ def main(args):
         if accelerator.is_main_process:
             for model in models:
                 unwrap_model(model).save_pretrained(os.path.join(output_dir, "controlnet"))
+                save_tile_config(args, os.path.join(output_dir, "controlnet"))
             weights.clear()  # saved above; accelerate must not save them again
 
     def load_model_hook(models, input_dir):
@@ -1485,7 +1526,7 @@ def main(args):
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process and not stopped_by:
-        save_final_model(unwrap_model(controlnet), args.output_dir)
+        save_final_model(unwrap_model(controlnet), args)
         image_logs = None
         if args.validation_prompt is not None or holdout is not None:
             # Validate what was written to disk, so a broken save shows up here rather than in the user's hands.
