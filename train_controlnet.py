@@ -55,7 +55,7 @@ TILE_CONFIG = "tile_config.json"  # how a saved ControlNet's conditions were mad
 # Command line
 
 
-def parse_args(input_args=None):
+def make_parser():
     parser = argparse.ArgumentParser(description="Train a ControlNet tile model on WebDataset shards.")
     parser.add_argument(
         "--pretrained_model_name_or_path",
@@ -316,12 +316,25 @@ def parse_args(input_args=None):
         " disjointly (webdataset's resampling: samples can repeat and some are never seen within an epoch).",
     )
     parser.add_argument(
+        "--max_nonfinite_steps",
+        type=int,
+        default=50,
+        help="Stop with an error after this many optimisation steps in a row with a non-finite loss or gradient."
+        " Such steps are always skipped (no weight changes) and counted as train/nonfinite_steps (fp16's grad scaler"
+        " skips count as train/skipped_steps).",
+    )
+    parser.add_argument(
         "--ddp_timeout",
         type=int,
         default=7200,
         help="Seconds a rank may wait in a collective (e.g. while rank 0 validates or saves) before aborting.",
     )
 
+    return parser
+
+
+def parse_args(input_args=None):
+    parser = make_parser()
     args = parser.parse_args(input_args)
     check_args(args, parser.error)
     return args
@@ -340,7 +353,7 @@ def check_args(args, error):
     if args.max_train_steps is None and args.max_train_samples is None:
         error("set --max_train_steps or --max_train_samples: a stream of shards has no length of its own")
     for name in ("train_batch_size", "gradient_accumulation_steps", "checkpointing_steps", "validation_steps",
-                 "logging_steps"):
+                 "logging_steps", "max_nonfinite_steps"):
         if getattr(args, name) < 1:
             error(f"--{name} must be >= 1")
     if args.max_train_steps is not None and args.max_train_steps < 1:
@@ -822,17 +835,29 @@ def log_metrics(accelerator, metrics, step, output_dir):
         f.write(json.dumps({"step": step, **metrics}) + "\n")
 
 
+def inference_copy(controlnet, device, dtype):
+    """A ControlNet for sampling on `device` in `dtype`, holding `controlnet`'s weights (shared where they are already
+    there in that dtype, cast otherwise). Built on the meta device: no random init of its ~361M parameters (miniSD)
+    and no round trip of the weights through the host while the other ranks wait."""
+    from accelerate import init_empty_weights
+    from diffusers import ControlNetModel
+
+    with init_empty_weights():
+        copy = ControlNetModel.from_config(controlnet.config)
+    state = {k: v.detach().to(device, dtype if v.is_floating_point() else v.dtype) for k, v in controlnet.state_dict().items()}
+    copy.load_state_dict(state, assign=True)
+    copy.set_attn_processor(controlnet.attn_processors)
+    return copy.requires_grad_(False).eval()
+
+
 def log_validation(vae, text_encoder, tokenizer, unet, controlnet, noise_scheduler, args, accelerator, weight_dtype,
                    step, holdout=None, is_final_validation=False):
-    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline, UniPCMultistepScheduler
+    from diffusers import StableDiffusionControlNetPipeline, UniPCMultistepScheduler
 
     logger.info(f"Running validation at step {step}...")
     # Sample from a plain copy in the frozen modules' dtype, as upstream's final validation does: no CUDA-only
     # autocast, no accelerate fp32-output wrapper, and the fp32 weights being trained stay untouched.
-    controlnet_copy = ControlNetModel.from_config(controlnet.config)
-    controlnet_copy.load_state_dict(controlnet.state_dict())
-    controlnet_copy.set_attn_processor(controlnet.attn_processors)
-    controlnet = controlnet_copy.to(accelerator.device, dtype=weight_dtype).eval()
+    controlnet = inference_copy(controlnet, accelerator.device, weight_dtype)
     pipeline = StableDiffusionControlNetPipeline(
         vae=vae,
         text_encoder=text_encoder,
@@ -925,7 +950,7 @@ def load_tile_config(directory):
     if os.path.isfile(path):
         with open(path) as f:
             return json.load(f)
-    defaults = parse_args(["--train_shards_path_or_url=unused", "--max_train_steps=1"])
+    defaults = make_parser().parse_args([])
     logger.warning(f"no {TILE_CONFIG} in {directory} (saved before tile settings were recorded): assuming the"
                    f" trainer's defaults, {defaults.resolution} px targets from {defaults.condition_resolution} px"
                    f" conditions, {defaults.interpolation}")
@@ -990,21 +1015,47 @@ def resolve_checkpoint(spec, output_dir):
     return int(m.group(1)), path
 
 
-def save_checkpoint(accelerator, args, step, data_positions):
+def newest_checkpoint(output_dir):
+    """For error messages: where the user's training can be resumed from."""
+    found = resolve_checkpoint("latest", output_dir)
+    return f"the newest complete checkpoint is {found[1]}" if found else "there is no complete checkpoint yet"
+
+
+def check_finite_weights(model, what):
+    """Never write non-finite weights: they would replace good ones (and push them out of --checkpoints_total_limit).
+    One host read per save."""
+    if not torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all():
+        raise SystemExit(f"error: not writing {what}: the ControlNet's weights are not finite")
+
+
+def save_checkpoint(accelerator, args, step, data_positions, controlnet):
     """Every rank: write checkpoint-N under a temporary name; rank 0 renames it once complete, then prunes.
 
-    A crash or kill at any moment leaves either the previous checkpoints alone or the new one complete.
+    A crash or kill at any moment leaves either the previous checkpoints alone or the new one complete. A write that
+    fails on any rank (a full disk) removes the partial checkpoint and stops every rank with one error.
     """
     final = os.path.join(args.output_dir, f"checkpoint-{step}")
     partial_path = os.path.join(args.output_dir, f".checkpoint-{step}.partial")
+    check_finite_weights(controlnet, f"checkpoint-{step}")
     if accelerator.is_main_process:
         shutil.rmtree(partial_path, ignore_errors=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(partial_path)  # rank 0 writes model/optimizer/scheduler, each rank its RNG state
-    accelerator.wait_for_everyone()
+    failure = None
+    try:
+        accelerator.save_state(partial_path)  # rank 0 writes model/optimizer/scheduler, each rank its RNG state
+        if accelerator.is_main_process:
+            with open(os.path.join(partial_path, DATA_STATE), "w") as f:
+                json.dump({"step": step, "samples_read": data_positions}, f)
+    except Exception as exn:  # ENOSPC, EDQUOT, EIO... surface from torch.save as RuntimeError, from open as OSError
+        failure = exn
+    failed = accelerator.reduce(torch.tensor([failure is not None], dtype=torch.float64, device=accelerator.device), "sum")
+    if failed.item():
+        if accelerator.is_main_process:
+            shutil.rmtree(partial_path, ignore_errors=True)
+        raise SystemExit(f"error: could not write checkpoint-{step} ({failure or 'failed on another rank'}); the partial"
+                         f" checkpoint was removed and {newest_checkpoint(args.output_dir)}. Free space in --output_dir"
+                         " and rerun with --resume_from_checkpoint=latest")
     if accelerator.is_main_process:
-        with open(os.path.join(partial_path, DATA_STATE), "w") as f:
-            json.dump({"step": step, "samples_read": data_positions}, f)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(partial_path, final)
         logger.info(f"Saved state to {final}")
@@ -1012,15 +1063,21 @@ def save_checkpoint(accelerator, args, step, data_positions):
             for _, old in list_checkpoints(args.output_dir)[: -args.checkpoints_total_limit]:
                 logger.info(f"removing checkpoint {old} (--checkpoints_total_limit={args.checkpoints_total_limit})")
                 shutil.rmtree(old)
+    accelerator.wait_for_everyone()
 
 
 def save_final_model(controlnet, args):
     """save_pretrained into a temporary folder, then move each file into place: never a half-written model file."""
     output_dir = args.output_dir
+    check_finite_weights(controlnet, "the final model")
     partial_path = os.path.join(output_dir, ".final.partial")
     shutil.rmtree(partial_path, ignore_errors=True)
-    controlnet.save_pretrained(partial_path)
-    save_tile_config(args, partial_path)
+    try:
+        controlnet.save_pretrained(partial_path)
+        save_tile_config(args, partial_path)
+    except Exception as exn:  # a full disk: keep what is there, say where training can be resumed from
+        shutil.rmtree(partial_path, ignore_errors=True)
+        raise SystemExit(f"error: could not write the final model to {output_dir} ({exn}); {newest_checkpoint(output_dir)}")
     for name in os.listdir(partial_path):
         os.replace(os.path.join(partial_path, name), os.path.join(output_dir, name))
     os.rmdir(partial_path)
@@ -1178,16 +1235,19 @@ class DataProgress:
 
 
 class IntervalMeter:
-    """Sums over one logging interval, kept on the device so that only logging syncs with the host."""
+    """Sums over one logging interval. The device's numbers stay on the device and the host keeps its own, so that
+    logging is the only host read of them; one tensor carries both to the ranks' reduction."""
 
     def __init__(self, device):
         self.device = device
+        self.skipped_total = self.nonfinite_total = 0  # over the run, for the trackers
         self.reset()
 
     def reset(self):
         self.loss = torch.zeros((), device=self.device)
         self.grad_norm = torch.zeros((), device=self.device)
-        self.steps = 0
+        self.step_loss = torch.zeros((), device=self.device)  # the micro-batches of the optimisation step under way
+        self.steps = self.applied = 0
         self.data_wait = 0.0
         self.excluded = 0.0
         self.start = time.perf_counter()
@@ -1205,29 +1265,46 @@ class IntervalMeter:
         yield
         self.excluded += time.perf_counter() - t
 
-    def add(self, micro_loss, grad_norm):
-        self.loss += micro_loss.float()
-        if grad_norm is not None:  # an optimisation step
+    def add(self, micro_loss):
+        self.step_loss += micro_loss.detach().float()
+
+    def end_step(self, grad_norm, finite, scaled):
+        """One optimisation step. A non-finite one was skipped, by fp16's grad scaler (`scaled`) or by the trainer's
+        guard: it is counted, and its loss and gradient norm stay out of the interval's means."""
+        self.steps += 1
+        if finite:
+            self.loss += self.step_loss
             self.grad_norm += grad_norm.detach().float()
-            self.steps += 1
+            self.applied += 1
+        elif scaled:
+            self.skipped_total += 1
+        else:
+            self.nonfinite_total += 1
+        self.step_loss.zero_()
+
+    def pack(self, local_stats, stop_signal):
+        """Everything one rank contributes to the interval's reduction, in one float64 tensor on the device."""
+        elapsed = max(1e-9, time.perf_counter() - self.start - self.excluded)
+        host = [self.steps, self.applied, self.data_wait / elapsed, elapsed, stop_signal is not None]
+        host += [local_stats[k] for k in STAT_KEYS]
+        return torch.cat([torch.stack([self.loss, self.grad_norm]).double(),
+                          torch.tensor(host, dtype=torch.float64, device=self.device)])
 
     def collect(self, accelerator, local_stats, stop_signal, samples_per_step):
         """Reduce the interval over ranks (one collective) -> (metrics, data counters, stop reason or None)."""
-        elapsed = max(1e-9, time.perf_counter() - self.start - self.excluded)
-        values = torch.stack([
-            self.loss.double(), self.grad_norm.double(),
-            *torch.tensor([self.steps, self.data_wait / elapsed, elapsed, stop_signal is not None], dtype=torch.float64),
-            *torch.tensor([local_stats[k] for k in STAT_KEYS], dtype=torch.float64),
-        ]).to(accelerator.device)
-        loss, grad_norm, steps, wait_share, elapsed, stops, *stats = accelerator.reduce(values, "sum").tolist()
+        values = accelerator.reduce(self.pack(local_stats, stop_signal), "sum")
+        loss, grad_norm, steps, applied, wait_share, elapsed, stops, *stats = values.tolist()
         ranks = accelerator.num_processes
         steps, elapsed = steps / ranks, elapsed / ranks
         metrics = {
-            "loss": loss / (steps * ranks),
-            "grad_norm": grad_norm / (steps * ranks),
+            "loss": loss / applied if applied else float("nan"),
+            "grad_norm": grad_norm / applied if applied else float("nan"),
             "step_time_s": elapsed / steps,
             "images_per_s": samples_per_step * steps / elapsed,
             "data_wait_share": wait_share / ranks,
+            # Every rank reads the same all-reduced gradients, so these counts agree on all ranks.
+            "train/skipped_steps": self.skipped_total,
+            "train/nonfinite_steps": self.nonfinite_total,
         }
         self.reset()
         stop = stop_signal or ("a stop signal on another rank" if stops else None)
@@ -1238,7 +1315,10 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # what SLURM and spot instances
 
 
 def install_stop_handler():
-    """A stop signal only sets a flag, checked at logging steps by all ranks at once."""
+    """-> a function that says why training should stop now (None: it should not), checked at logging steps by all
+    ranks at once. A stop signal only sets a flag. A launcher's exit is a stop too: an `accelerate launch` or torchrun
+    that dies of a signal it does not handle (SIGUSR1 kills it) leaves its ranks running in their own sessions, and
+    they save and end instead of training on unsupervised."""
     received = []
 
     def handler(signum, frame):
@@ -1246,7 +1326,17 @@ def install_stop_handler():
 
     for sig in STOP_SIGNALS:
         signal.signal(sig, handler)
-    return lambda: received[0] if received else None
+    launched = "TORCHELASTIC_RUN_ID" in os.environ or "ACCELERATE_DYNAMO_BACKEND" in os.environ
+    launcher = os.getppid() if launched else None
+
+    def stop_requested():
+        if received:
+            return received[0]
+        if launcher is not None and os.getppid() != launcher:
+            return "launcher exit"
+        return None
+
+    return stop_requested
 
 
 @contextlib.contextmanager
@@ -1278,6 +1368,7 @@ def main(args):
     from diffusers.optimization import get_scheduler
     from tqdm.auto import tqdm
 
+    stop_requested = install_stop_handler()  # first: a stop asked for while the models load is honoured too
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
@@ -1432,7 +1523,6 @@ def main(args):
 
     # The loader is kept out of accelerator.prepare: each rank reads its own shards (see consumer_samples) instead
     # of rank 0 reading for everyone and broadcasting.
-    signal_name = install_stop_handler()
     train_dataloader = make_train_dataloader(args, tokenizer, holdout["keys"] if holdout else (), data_positions)
     progress = DataProgress(accelerator, args.dataloader_num_workers, data_positions)
 
@@ -1468,6 +1558,8 @@ def main(args):
         keys_file = open(os.path.join(args.output_dir, "sample_keys", f"rank-{accelerator.process_index}.txt"), "a")
     stopped_by = None
     image_logs = None
+    scaled = accelerator.scaler is not None  # fp16: the grad scaler skips non-finite steps on its own
+    nonfinite_streak, diverged, grad_norm = 0, False, None
     if accelerator.is_main_process and global_step == 0 and holdout is not None:
         validate(0, unwrap_model(controlnet))  # the baseline: a fresh ControlNet's gap is exactly 0
     with endless_batches(train_dataloader) as batches:
@@ -1484,22 +1576,32 @@ def main(args):
                     weight_dtype,
                 ).mean()
                 accelerator.backward(loss)
-                grad_norm = None
+                meter.add(loss / args.gradient_accumulation_steps)
+                finite = True
                 if accelerator.sync_gradients:
                     grad_norm = accelerator.clip_grad_norm_(controlnet.parameters(), args.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
+                    # The guard's host read, one per optimisation step: a non-finite step must change no weight.
+                    # The gradients are all-reduced before the norm, so every rank reads the same value and all
+                    # ranks skip the same steps without a collective; a non-finite loss on any rank makes them so.
+                    finite = bool(torch.isfinite(grad_norm))
+                if finite or scaled:  # fp16's scaler skips a non-finite step itself, and must see it to lower its scale
+                    optimizer.step()
+                    lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=args.set_grads_to_none)
-            meter.add(loss.detach() / args.gradient_accumulation_steps, grad_norm)
 
             if not accelerator.sync_gradients:
                 continue
+            meter.end_step(grad_norm, finite, scaled)
             progress_bar.update(1)
             global_step += 1
+            nonfinite_streak = 0 if finite else nonfinite_streak + 1
+            if not finite and not scaled:
+                logger.warning(f"step {global_step}: non-finite loss or gradient norm; step skipped, no weight changed")
+            diverged = nonfinite_streak >= args.max_nonfinite_steps
 
-            if global_step % args.logging_steps == 0 or global_step == args.max_train_steps:
-                # The one host sync of the interval: losses, grad norms, data counters and stop requests of all ranks.
-                logs, stats, stopped_by = meter.collect(accelerator, progress.local_totals(), signal_name(), samples_per_step)
+            if global_step % args.logging_steps == 0 or global_step == args.max_train_steps or diverged:
+                # The interval's host read: losses, grad norms, data counters and stop requests of all ranks.
+                logs, stats, stopped_by = meter.collect(accelerator, progress.local_totals(), stop_requested(), samples_per_step)
                 progress.last_totals = stats
                 logs["lr"] = lr_scheduler.get_last_lr()[0]
                 logs["epoch"] = global_step // num_update_steps_per_epoch
@@ -1507,13 +1609,20 @@ def main(args):
                 if accelerator.is_main_process:
                     log_metrics(accelerator, {**logs, **{f"data/{k}": v for k, v in stats.items()}}, global_step, args.output_dir)
                     progress.report(stats)
-            with meter.paused():
-                if global_step % args.checkpointing_steps == 0 or stopped_by:
-                    save_checkpoint(accelerator, args, global_step, progress.positions(accelerator))
-                # The last step's validation is the final one, below, on the model as saved.
-                validation_due = global_step % args.validation_steps == 0 and global_step < args.max_train_steps
-                if accelerator.is_main_process and validation_due and (args.validation_prompt or holdout):
-                    image_logs = validate(global_step, unwrap_model(controlnet))
+            if diverged:
+                break  # the weights are those of the last finite step, which led here: no checkpoint of them
+            # Mid-streak the weights are those that led to it: a regular checkpoint waits, and prunes nothing good.
+            checkpoint_due = (global_step % args.checkpointing_steps == 0 and not nonfinite_streak) or stopped_by
+            # The last step's validation is the final one, below, on the model as saved.
+            validation_due = global_step % args.validation_steps == 0 and global_step < args.max_train_steps
+            validation_due = validation_due and bool(args.validation_prompt or holdout)
+            if checkpoint_due or validation_due:
+                with meter.paused():
+                    if checkpoint_due:
+                        save_checkpoint(accelerator, args, global_step, progress.positions(accelerator), unwrap_model(controlnet))
+                    if accelerator.is_main_process and validation_due:
+                        image_logs = validate(global_step, unwrap_model(controlnet))
+                    accelerator.wait_for_everyone()  # so that no rank counts rank 0's validation as training time
             if stopped_by:
                 logger.warning(f"{stopped_by} received: stopped at step {global_step} after saving checkpoint-{global_step};"
                                " run the same command with --resume_from_checkpoint=latest to continue")
@@ -1525,7 +1634,7 @@ def main(args):
         progress.report(progress.last_totals, final=True)
 
     accelerator.wait_for_everyone()
-    if accelerator.is_main_process and not stopped_by:
+    if accelerator.is_main_process and not (stopped_by or diverged):
         save_final_model(unwrap_model(controlnet), args)
         image_logs = None
         if args.validation_prompt is not None or holdout is not None:
@@ -1546,6 +1655,10 @@ def main(args):
     accelerator.end_training()
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()  # a clean teardown avoids gloo's rare abort at exit
+    if diverged:
+        raise SystemExit(f"error: training diverged: {nonfinite_streak} optimisation steps in a row up to step"
+                         f" {global_step} had a non-finite loss or gradient (skipped: no weight changed);"
+                         f" {newest_checkpoint(args.output_dir)}: resume from it with a lower --learning_rate")
 
 
 if __name__ == "__main__":
