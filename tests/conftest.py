@@ -34,14 +34,15 @@ def shards(tmp_path_factory):
     return str(path / "{00000..00004}.tar")
 
 
-def run_cli(args, cwd, num_processes=1, env=None, timeout=300):
+def run_cli(args, cwd, num_processes=1, env=None, timeout=300, launch_args=(), preexec_fn=None):
     """Run train_controlnet.py through `accelerate launch` exactly as a user would; return the finished process."""
     launch = [ACCELERATE, "launch", "--num_machines", "1", "--dynamo_backend", "no", "--mixed_precision", "no"]
     launch += ["--multi_gpu", "--num_processes", str(num_processes)] if num_processes > 1 else ["--num_processes", "1"]
+    launch += list(launch_args)
     full_env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
     proc = subprocess.run(
         launch + [str(ROOT / "train_controlnet.py")] + [str(a) for a in args],
-        cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout,
+        cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout, preexec_fn=preexec_fn,
     )
     proc.log = proc.stdout + proc.stderr
     return proc
