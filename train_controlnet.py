@@ -21,6 +21,8 @@ import random
 import re
 import shutil
 import signal
+import socket
+import tempfile
 import time
 from datetime import timedelta
 from functools import partial
@@ -390,6 +392,98 @@ def check_args(args, error):
     local = [u.removeprefix("file:") for u in urls if not u.startswith("pipe:") and "://" not in u]
     if urls and len(local) == len(urls) and not any(os.path.isfile(u) for u in local):
         error(f"no shard of --train_shards_path_or_url exists: {args.train_shards_path_or_url}")
+    problem = output_dir_problem(args.output_dir)
+    if problem:
+        error(f"--output_dir {args.output_dir}: {problem}")
+    try:
+        unet_config = read_model_config(args.pretrained_model_name_or_path, "unet", args.revision, args.cache_dir)
+        for sub in ("vae", "text_encoder"):
+            read_model_config(args.pretrained_model_name_or_path, sub, args.revision, args.cache_dir)
+        if args.controlnet_model_name_or_path:
+            mismatch = controlnet_mismatch(
+                read_model_config(args.controlnet_model_name_or_path, cache_dir=args.cache_dir), unet_config)
+            if mismatch:
+                error(f"--controlnet_model_name_or_path {args.controlnet_model_name_or_path} does not fit the base"
+                      f" {args.pretrained_model_name_or_path}: {mismatch}")
+    except ValueError as exn:
+        error(str(exn))
+
+
+def output_dir_problem(path):
+    """Why nothing can be written to --output_dir (None if it can): found now, not at the first checkpoint. Tried, not
+    inferred from permissions, which say nothing for root or on network filesystems."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exn:
+        return exn.strerror or str(exn)
+    return None
+
+
+def read_model_config(name, subfolder=None, revision=None, cache_dir=None):
+    """A model's config.json, from a local folder, the hub cache or the hub, read without loading the model.
+
+    ValueError with one line saying why it cannot be had: no such folder, a malformed hub id, offline and not
+    cached, the hub unreachable, or no such repository. The hub is probed once instead of waiting out
+    huggingface_hub's retries (~25 s with no network).
+    """
+    from huggingface_hub import constants, hf_hub_download, try_to_load_from_cache
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    what = f"{name}/{subfolder}" if subfolder else name
+    local = os.path.join(name, subfolder or "", "config.json")
+    if os.path.isdir(name) or name.startswith((".", "/", "~")):
+        if not os.path.isfile(local):
+            return_msg = "no such folder" if not os.path.isdir(name) else f"no {os.path.join(subfolder or '', 'config.json')} in it"
+            raise ValueError(f"model not found: {name} ({return_msg})")
+    else:
+        try:
+            validate_repo_id(name)
+        except HFValidationError:
+            raise ValueError(f"model not found: {name} is neither a local folder nor a valid hub id")
+        filename = f"{subfolder}/config.json" if subfolder else "config.json"
+        local = try_to_load_from_cache(name, filename, cache_dir=cache_dir, revision=revision)
+        if not isinstance(local, str):
+            host = constants.ENDPOINT.split("://")[-1].split("/")[0]
+            if constants.HF_HUB_OFFLINE:
+                raise ValueError(f"model not found: {what} is not in the local hub cache and HF_HUB_OFFLINE is set")
+            try:
+                socket.create_connection((host, 443), timeout=5).close()
+            except OSError:
+                raise ValueError(f"model not found: {what} is not in the local hub cache and {host} is unreachable")
+            try:
+                local = hf_hub_download(name, filename, revision=revision, cache_dir=cache_dir)
+            except Exception as exn:
+                raise ValueError(f"model not found: {what} on {host} ({type(exn).__name__})")
+    try:
+        with open(local) as f:
+            return json.load(f)
+    except (OSError, ValueError) as exn:
+        raise ValueError(f"cannot read {local}: {exn}")
+
+
+# A ControlNet's residuals are added to the UNet's down and mid blocks: these must agree, or the first forward pass
+# fails deep inside the UNet.
+FITTING_CONFIG_KEYS = ("in_channels", "block_out_channels", "layers_per_block", "cross_attention_dim",
+                       "transformer_layers_per_block", "down_block_types")
+
+
+def controlnet_mismatch(controlnet_config, unet_config):
+    """Why a ControlNet (config dict) cannot drive a UNet (config dict), or None. A tile model takes RGB images."""
+    blocks = len(unet_config.get("down_block_types", ()))
+
+    def per_block(value):  # configs write a per-block setting as one value or as a list
+        return list(value) if isinstance(value, (list, tuple)) else [value] * blocks
+
+    if controlnet_config.get("_class_name") not in (None, "ControlNetModel"):
+        return f"it is a {controlnet_config['_class_name']}, not a ControlNetModel"
+    for key in FITTING_CONFIG_KEYS:
+        if key in unet_config and key in controlnet_config and per_block(unet_config[key]) != per_block(controlnet_config[key]):
+            return f"{key} is {controlnet_config[key]} in the ControlNet and {unet_config[key]} in the base's UNet"
+    if controlnet_config.get("conditioning_channels", 3) != 3:
+        return f"it takes {controlnet_config['conditioning_channels']}-channel conditions; a tile model takes RGB (3)"
+    return None
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -58,3 +58,36 @@ def test_bad_input_is_one_clear_line_before_any_model_loads(shards, tmp_path, ex
     assert len(error_lines) == 1 and message in error_lines[0], proc.stderr
     assert "Traceback" not in proc.stderr
     assert time.time() - start < 20  # argparse only: no model, no accelerate state
+
+
+def test_models_and_output_dir_are_checked_before_anything_loads(tiny_model, shards, tmp_path):
+    """Each: exit 2, one error line naming the problem, no traceback, in seconds (no model is loaded)."""
+    import json
+
+    unet = json.loads((ROOT / tiny_model / "unet" / "config.json").read_text())
+    wrong = tmp_path / "controlnet-of-another-base"
+    wrong.mkdir()
+    (wrong / "config.json").write_text(json.dumps({**unet, "_class_name": "ControlNetModel",
+                                                   "cross_attention_dim": unet["cross_attention_dim"] * 2}))
+    (tmp_path / "a-file").write_text("")
+    cases = [
+        ([f"--pretrained_model_name_or_path={tmp_path}/typo"], f"model not found: {tmp_path}/typo (no such folder)"),
+        ([f"--pretrained_model_name_or_path={shards.rsplit('/', 1)[0]}"], "(no unet/config.json in it)"),
+        (["--pretrained_model_name_or_path=lambdalabs/miniSD-diffusers"],
+         "model not found: lambdalabs/miniSD-diffusers/unet is not in the local hub cache and HF_HUB_OFFLINE is set"),
+        (["--pretrained_model_name_or_path=not a repo!"], "model not found: not a repo! is neither a local folder nor a valid hub id"),
+        ([f"--pretrained_model_name_or_path={tiny_model}", f"--controlnet_model_name_or_path={wrong}"],
+         f"does not fit the base {tiny_model}: cross_attention_dim is {unet['cross_attention_dim'] * 2} in the ControlNet"),
+        ([f"--pretrained_model_name_or_path={tiny_model}", f"--output_dir={tmp_path}/a-file/out"],
+         f"--output_dir {tmp_path}/a-file/out: Not a directory"),
+    ]
+    for extra, message in cases:
+        start = time.time()
+        proc = subprocess.run([sys.executable, str(ROOT / "train_controlnet.py"), f"--output_dir={tmp_path}/out",
+                               "--max_train_steps=1", f"--train_shards_path_or_url={shards}", *extra],
+                              capture_output=True, text=True, env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+        assert proc.returncode == 2, proc.stderr
+        error_lines = [l for l in proc.stderr.splitlines() if "error:" in l]
+        assert len(error_lines) == 1 and message in error_lines[0], (message, proc.stderr)
+        assert "Traceback" not in proc.stderr
+        assert time.time() - start < 20

@@ -1,0 +1,621 @@
+#!/usr/bin/env python
+# coding=utf-8
+"""Upscale images with a ControlNet tile model trained by `train_controlnet.py`.
+
+    python upscale.py --pretrained_model_name_or_path=lambdalabs/miniSD-diffusers \
+        --controlnet_model_name_or_path=controlnet-model --input=photo.png --output=photo_x4.png
+
+The low-resolution input is enlarged to the output size by the trainer's own `enlarge_condition`, with the filter the
+model was trained with (read from the ControlNet's tile_config.json): that is the condition, exactly as training made
+it. The output canvas is denoised in overlapping latent tiles (MultiDiffusion / Mixture of Diffusers): at every step
+each tile is predicted by the UNet and the ControlNet with its own crop of the condition, the predictions are blended
+with smooth windows, and one scheduler step moves the whole canvas. The canvas is decoded in the same tiles, blended
+the same way, and an optional colour fix pulls the result's colours back to the input's.
+"""
+
+import argparse
+import json
+import logging
+import math
+import os
+import tempfile
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps
+
+import train_controlnet as tc
+
+logger = logging.getLogger(__name__)
+
+COLOR_FIXES = ("none", "adain", "wavelet")
+LATENT_FACTOR = 8  # SD VAEs downsample by 8; the trainer's --resolution is a multiple of it for the same reason
+WAVELET_LEVELS = 5  # StableSR's wavelet colour fix: blurs with dilation 1, 2, 4, 8, 16
+# A ControlNet's residuals are added to the UNet's at every down block: these settings must agree for them to fit.
+MATCHING_CONFIG_KEYS = ("in_channels", "block_out_channels", "down_block_types", "layers_per_block",
+                        "transformer_layers_per_block", "cross_attention_dim")
+
+
+class UnreadableImage(Exception):
+    pass
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Command line
+
+
+def parse_args(input_args=None):
+    parser = argparse.ArgumentParser(description="Upscale images with a ControlNet tile model (tiled, any size).")
+    parser.add_argument(
+        "--pretrained_model_name_or_path",
+        type=str,
+        default=tc.make_parser().get_default("pretrained_model_name_or_path"),
+        help="The SD-1.x base the ControlNet was trained on: a model folder or hub identifier.",
+    )
+    parser.add_argument(
+        "--controlnet_model_name_or_path",
+        type=str,
+        required=True,
+        help="The trained ControlNet: a train_controlnet.py --output_dir, one of its checkpoint-N folders (the model"
+        " is in its controlnet/), or a hub identifier.",
+    )
+    parser.add_argument("--revision", type=str, default=None, help="Revision of the base model on the hub.")
+    parser.add_argument("--variant", type=str, default=None, help="Variant of the base model's files, e.g. fp16.")
+    parser.add_argument("--input", type=str, required=True, help="An image, or a folder of images.")
+    parser.add_argument(
+        "--output",
+        type=str,
+        required=True,
+        help="An image path (its extension picks the format) for one input, or a folder (created if missing) where"
+        " each input NAME.ext is written as NAME.png.",
+    )
+    parser.add_argument(
+        "--scale",
+        type=float,
+        default=None,
+        help="Output size / input size, per side (each side rounded to the nearest pixel). Default: the factor the"
+        " ControlNet was trained for (its resolution / condition_resolution).",
+    )
+    parser.add_argument("--prompt", type=str, default="", help="Text prompt for every tile (default: none).")
+    parser.add_argument(
+        "--negative_prompt", type=str, default=None, help="Negative prompt; used when --guidance_scale > 1."
+    )
+    parser.add_argument("--num_inference_steps", type=int, default=20, help="Denoising steps.")
+    parser.add_argument(
+        "--guidance_scale",
+        type=float,
+        default=1.0,
+        help="Classifier-free guidance scale. Above 1 each tile is also predicted without the prompt (2x the"
+        " compute); at 1 (the default) it is not, which suits the default empty prompt.",
+    )
+    parser.add_argument(
+        "--controlnet_conditioning_scale",
+        type=float,
+        default=1.0,
+        help="Multiplier of the ControlNet's residuals: lower lets the base invent more, higher follows the input.",
+    )
+    parser.add_argument(
+        "--tile_size",
+        type=int,
+        default=None,
+        help="Tile side in output pixels, a multiple of 8. Default: the resolution the ControlNet was trained at.",
+    )
+    parser.add_argument(
+        "--tile_overlap",
+        type=int,
+        default=None,
+        help="Minimum overlap of neighbouring tiles in output pixels, a multiple of 8 below --tile_size."
+        " Default: half the tile.",
+    )
+    parser.add_argument(
+        "--color_fix",
+        type=str,
+        default="wavelet",
+        choices=COLOR_FIXES,
+        help="Match the result's colours to the enlarged input: 'wavelet' keeps the result's fine detail and takes"
+        " the input's low frequencies; 'adain' matches each channel's mean and std; 'none' keeps the model's colours.",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="Seed of the initial noise (same seed, same image).")
+    parser.add_argument(
+        "--device", type=str, default=None, help="torch device, e.g. cuda, cuda:1, cpu. Default: cuda if available."
+    )
+    parser.add_argument(
+        "--mixed_precision",
+        type=str,
+        default="no",
+        choices=["no", "fp16", "bf16"],
+        help="Weights and activations in fp16 or bf16 (fp16 needs a CUDA GPU). Latents and blending stay float32.",
+    )
+    parser.add_argument("--batch_size", type=int, default=4, help="Tiles per forward pass of the models.")
+
+    args = parser.parse_args(input_args)
+    check_args(args)
+    return args
+
+
+def fail(message):
+    """One line on stderr and a non-zero exit: bad input needs no traceback and no usage text."""
+    raise SystemExit(f"upscale.py: error: {message}")
+
+
+def check_args(args):
+    """Reject bad input with one clear line before any model loads, and fill the defaults that depend on the model."""
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        fail(f"--device: not a torch device: {args.device}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        fail(f"--device={args.device} but no CUDA GPU is available")
+    if args.mixed_precision == "fp16" and device.type != "cuda":
+        fail("--mixed_precision=fp16 needs a CUDA GPU; use --mixed_precision=no or bf16 on this machine")
+    for name in ("num_inference_steps", "batch_size"):
+        if getattr(args, name) < 1:
+            fail(f"--{name} must be >= 1")
+    if args.scale is not None and not args.scale > 0:
+        fail("--scale must be > 0")
+
+    try:
+        args.controlnet_dir = resolve_controlnet(args.controlnet_model_name_or_path)
+        check_compatible(args.pretrained_model_name_or_path, args.controlnet_dir, args.revision)
+    except ValueError as exn:
+        fail(str(exn))
+    args.tile_config = tc.load_tile_config(args.controlnet_dir)
+    if args.scale is None:
+        args.scale = float(args.tile_config["scale"])
+    if args.tile_size is None:
+        args.tile_size = int(args.tile_config["resolution"])
+    if args.tile_overlap is None:
+        args.tile_overlap = args.tile_size // 2 // LATENT_FACTOR * LATENT_FACTOR
+    if args.tile_size < LATENT_FACTOR or args.tile_size % LATENT_FACTOR:
+        fail(f"--tile_size must be a positive multiple of {LATENT_FACTOR}, got {args.tile_size}")
+    if not 0 <= args.tile_overlap < args.tile_size or args.tile_overlap % LATENT_FACTOR:
+        fail(f"--tile_overlap must be a multiple of {LATENT_FACTOR} in [0, --tile_size={args.tile_size}),"
+             f" got {args.tile_overlap}")
+
+    if not os.path.exists(args.input):
+        fail(f"--input not found: {args.input}")
+    args.jobs = list_jobs(args.input, args.output)
+    if os.path.isdir(args.input):
+        if not args.jobs:
+            fail(f"--input folder {args.input} holds no image files")
+    else:
+        try:
+            size = read_image(args.input).size
+        except UnreadableImage as exn:
+            fail(f"--input: {exn}")
+        if min(output_size(size, args.scale)) < 1:
+            fail(f"--scale={args.scale} turns the {size[0]}x{size[1]} input into an empty image")
+    folder = os.path.isdir(args.input)
+    problem = output_problem(args.output if folder else args.jobs[0][1], folder)
+    if problem:
+        fail(f"--output: {problem}")
+
+
+def resolve_controlnet(name):
+    """--controlnet_model_name_or_path -> the local folder that holds the ControlNet's config.json and weights.
+
+    A training output_dir holds the final model; a checkpoint-N holds it in controlnet/. A name that is not a local
+    path is fetched from the hub. ValueError with the reason otherwise.
+    """
+    if os.path.isdir(name):
+        for folder in (name, os.path.join(name, "controlnet")):
+            if os.path.isfile(os.path.join(folder, "config.json")):
+                return check_controlnet_folder(folder)
+        raise ValueError(f"--controlnet_model_name_or_path: no ControlNet (config.json) in {name} or {name}/controlnet"
+                         " (give a train_controlnet.py --output_dir or one of its checkpoint-N folders)")
+    if os.path.exists(name) or name.startswith((".", "/", "~")) or name.count("/") != 1:
+        raise ValueError(f"--controlnet_model_name_or_path: no such folder: {name}")
+    try:
+        from huggingface_hub import snapshot_download
+
+        folder = snapshot_download(name, allow_patterns=["*.json", "*.safetensors"])
+    except Exception as exn:
+        raise ValueError(f"--controlnet_model_name_or_path: {name} is not a local folder, and the hub has no such"
+                         f" model ({type(exn).__name__})")
+    return check_controlnet_folder(folder)
+
+
+def check_controlnet_folder(folder):
+    config = read_config(folder)
+    if config.get("_class_name") != "ControlNetModel":
+        raise ValueError(f"--controlnet_model_name_or_path: {folder} holds a {config.get('_class_name')}, not a"
+                         " ControlNetModel")
+    if not any(f.startswith("diffusion_pytorch_model.") for f in os.listdir(folder)):
+        raise ValueError(f"--controlnet_model_name_or_path: {folder} has a config but no weights")
+    return folder
+
+
+def read_config(folder, subfolder=None, revision=None):
+    """A model's config.json, from a local folder or the hub, without importing diffusers (whose model imports
+    print warnings, and those would bury a one-line error)."""
+    path = os.path.join(folder, subfolder or "", "config.json")
+    if not os.path.isdir(folder):
+        from huggingface_hub import hf_hub_download
+
+        try:
+            path = hf_hub_download(folder, "config.json", subfolder=subfolder, revision=revision)
+        except Exception as exn:
+            raise ValueError(f"cannot read {subfolder}/config.json of {folder}: not a local folder and not on the hub"
+                             f" ({type(exn).__name__})")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as exn:
+        raise ValueError(f"cannot read {path}: {exn}")
+
+
+def check_compatible(base, controlnet_dir, revision=None):
+    """A ControlNet made from another base's UNet fails deep inside the first forward pass: compare their configs."""
+    unet = read_config(base, "unet", revision)
+    controlnet = read_config(controlnet_dir)
+    blocks = len(unet.get("down_block_types", ()))
+
+    def per_block(value):  # configs write a per-block setting as one value or a list of them
+        return list(value) if isinstance(value, (list, tuple)) else [value] * blocks
+
+    for key in MATCHING_CONFIG_KEYS:
+        if key in unet and key in controlnet and per_block(unet[key]) != per_block(controlnet[key]):
+            raise ValueError(f"the ControlNet in {controlnet_dir} does not fit the base {base}: {key} is"
+                             f" {controlnet[key]} in the ControlNet and {unet[key]} in the base's UNet")
+    if controlnet.get("conditioning_channels", 3) != 3:
+        raise ValueError(f"the ControlNet in {controlnet_dir} takes {controlnet['conditioning_channels']}-channel"
+                         " conditions; a tile model takes RGB images (3)")
+
+
+def list_jobs(input_path, output_path):
+    """(input file, output file) pairs: one for an image, one per image file (by extension) of a folder."""
+    if not os.path.isdir(input_path):
+        if os.path.isdir(output_path):
+            output_path = os.path.join(output_path, stem(input_path) + ".png")
+        return [(input_path, output_path)]
+    extensions = Image.registered_extensions()
+    names = sorted(n for n in os.listdir(input_path)
+                   if not n.startswith(".") and os.path.splitext(n)[1].lower() in extensions
+                   and os.path.isfile(os.path.join(input_path, n)))
+    return [(os.path.join(input_path, n), os.path.join(output_path, stem(n) + ".png")) for n in names]
+
+
+def stem(path):
+    return os.path.splitext(os.path.basename(path))[0]
+
+
+def output_problem(path, folder):
+    """Why `path` can't take the output (None if it can): tried for real, since permission bits don't tell root."""
+    directory = path if folder else os.path.dirname(os.path.abspath(path))
+    if not folder:
+        extension = os.path.splitext(path)[1].lower()
+        if Image.registered_extensions().get(extension) not in Image.SAVE:
+            return f"{path} needs an image extension PIL can write (.png, .jpg, .webp, ...)"
+    try:
+        os.makedirs(directory, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as exn:
+        return f"cannot write to {directory} ({exn.strerror or exn})"
+    return None
+
+
+def read_image(path):
+    """An image file -> RGB PIL image, decoded in full now (a truncated file fails here, not halfway through)."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return tc.to_rgb(ImageOps.exif_transpose(image))
+    except Exception as exn:
+        raise UnreadableImage(f"cannot read image {path} ({type(exn).__name__}: {exn})")
+
+
+def output_size(size, scale):
+    """(width, height) of the input -> (height, width) of the output: each side times scale, rounded half up."""
+    width, height = size
+    return math.floor(height * scale + 0.5), math.floor(width * scale + 0.5)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Models
+
+
+def load_pipeline(args):
+    """diffusers' StableDiffusionControlNetPipeline with UniPC, as the trainer validates: its components, prompt
+    encoding and latent preparation are reused here, and a one-tile image comes out exactly as the pipeline's."""
+    import diffusers
+    import transformers
+    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline, UniPCMultistepScheduler
+
+    transformers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.set_verbosity_error()
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision, torch.float32)
+    pipe = StableDiffusionControlNetPipeline.from_pretrained(
+        args.pretrained_model_name_or_path,
+        controlnet=ControlNetModel.from_pretrained(args.controlnet_dir),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+        revision=args.revision,
+        variant=args.variant,
+    )
+    pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(desc="tiles x steps")
+    # Cast after loading: diffusers renamed from_pretrained's torch_dtype, and requirements.txt allows both versions.
+    return pipe.to(args.device, dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tiles
+
+
+def tile_starts(length, tile, overlap):
+    """Starts of tiles of size `tile` covering [0, length), spread evenly so that neighbours overlap by at least
+    `overlap` and the last tile ends exactly at `length`."""
+    if length <= tile:
+        return [0]
+    count = math.ceil((length - tile) / (tile - overlap)) + 1
+    return [round(i * (length - tile) / (count - 1)) for i in range(count)]
+
+
+def tile_grid(height, width, tile, overlap):
+    """Tiles (top, left, height, width) covering a height x width grid; a side shorter than `tile` gets one tile
+    of its own length instead of padding (fewer wasted pixels, and a one-tile image is the plain pipeline's)."""
+    th, tw = min(tile, height), min(tile, width)
+    return [(top, left, th, tw) for top in tile_starts(height, th, overlap) for left in tile_starts(width, tw, overlap)]
+
+
+def canvas_tiles(height, width, args):
+    """The latent tiles of an output of height x width pixels (padded up to whole latent cells)."""
+    latent_h, latent_w = math.ceil(height / LATENT_FACTOR), math.ceil(width / LATENT_FACTOR)
+    return tile_grid(latent_h, latent_w, args.tile_size // LATENT_FACTOR, args.tile_overlap // LATENT_FACTOR)
+
+
+def tile_window(height, width, device):
+    """Blending weights of one tile: a separable squared sine (Hann) window, near 0 at the tile's edges, where a
+    tile has least context, and 1 at its centre. Neighbours fade into each other, so no tile border leaves a step;
+    at 50% overlap the windows of a row of tiles sum to a constant."""
+    def hann(n):
+        return torch.sin(math.pi * (torch.arange(n, device=device, dtype=torch.float32) + 0.5) / n) ** 2
+
+    return hann(height)[:, None] * hann(width)[None, :]
+
+
+def blend_tiles(tiles, outputs, canvas, weight_sum, scale=1):
+    """Add each tile's output, weighted by its window, into `canvas` (in place), and its window into `weight_sum`.
+    Tiles are in latent units; `scale` maps them onto the outputs' grid (8 for decoded pixels)."""
+    window = tile_window(outputs.shape[-2], outputs.shape[-1], outputs.device)
+    for (top, left, h, w), output in zip(tiles, outputs):
+        region = (..., slice(top * scale, (top + h) * scale), slice(left * scale, (left + w) * scale))
+        canvas[region] += window * output.float()
+        weight_sum[region] += window
+
+
+def crops(tensor, tiles, scale=1):
+    """The tiles' crops of a (1, C, H, W) tensor, stacked into a batch."""
+    return torch.cat([tensor[..., t * scale:(t + h) * scale, l * scale:(l + w) * scale] for t, l, h, w in tiles])
+
+
+def batches(items, size):
+    return [items[i:i + size] for i in range(0, len(items), size)]
+
+
+def seam_score(image, tiles, scale=LATENT_FACTOR):
+    """Mean absolute gradient across tile borders over the mean across the other lines at the same offset in the
+    8-px latent grid (1.0: the borders are invisible).
+
+    `image` is a (C, H, W) tensor; `tiles` come from tile_grid in latent units, `scale` maps them onto the image.
+    A border is the step from the last pixel before a tile's start or end to the next one; the image's own edges
+    are not borders. Borders always fall between latent cells, and at 2x, 4x and 8x also between the same two
+    low-resolution pixels, where a decoder's or an interpolator's gradient differs from its average: comparing
+    with interior lines of the same offset leaves only what the tiles add. Rows and columns are pooled.
+    """
+    image = image.float()
+    border_sum, interior_sum = 0.0, 0.0
+    for axis, spans in ((-2, [(top, h) for top, _, h, _ in tiles]), (-1, [(left, w) for _, left, _, w in tiles])):
+        length = image.shape[axis]
+        # Mean |difference| between line i and line i + 1 along `axis`, one value per i.
+        gradient = image.diff(dim=axis).abs().mean(dim=[d for d in (-3, -2, -1) if d != axis])
+        edges = {e * scale for start, size in spans for e in (start, start + size) if 0 < e * scale < length}
+        lines = torch.arange(scale - 1, length - 1, scale)  # steps between latent cells: where the borders are
+        border = torch.tensor([line + 1 in edges for line in lines.tolist()], dtype=torch.bool)
+        if border.any() and not border.all():
+            border_sum += gradient[lines[border]].mean().item()
+            interior_sum += gradient[lines[~border]].mean().item()
+    return border_sum / interior_sum if interior_sum else 1.0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Upscaling
+
+
+def make_condition(image, size, interpolation, device):
+    """Low-resolution PIL image -> the tile condition at `size` (height, width): (1, 3, H, W) float in [0, 1].
+
+    The trainer's enlarge_condition with the model's filter, so inference sees what training saw; the torch filters
+    run on the device, PIL's on the host (as in the trainer's model_inputs)."""
+    small = tc.image_to_tensor(image)[None]
+    if interpolation in tc.TORCH_FILTERS:
+        small = small.to(device)
+    return tc.enlarge_condition(small, size, interpolation).to(device)
+
+
+def pad_to_multiple(tensor, multiple):
+    """Pad the bottom and right of a (N, C, H, W) tensor up to multiples of `multiple`: mirrored where the image is
+    large enough, so the model sees plausible content; repeated edge pixels where it is not. Cropped off later."""
+    height, width = tensor.shape[-2:]
+    pad_h, pad_w = -height % multiple, -width % multiple
+    if not pad_h and not pad_w:
+        return tensor
+    mode = "reflect" if pad_h < height and pad_w < width else "replicate"
+    return F.pad(tensor, (0, pad_w, 0, pad_h), mode=mode)
+
+
+def predict_noise(pipe, latents, t, conditions, prompt_embeds, negative_embeds, args):
+    """UNet + ControlNet prediction for a batch of latent tiles with their condition crops, guided as the pipeline
+    guides: the unconditional half first, then guidance_scale times the difference."""
+    dtype = pipe.unet.dtype
+    count = latents.shape[0]
+    guided = do_guidance(pipe, args)
+    embeds = prompt_embeds.expand(count, -1, -1)
+    if guided:
+        latents, conditions = torch.cat([latents] * 2), torch.cat([conditions] * 2)
+        embeds = torch.cat([negative_embeds.expand(count, -1, -1), embeds])
+    down_samples, mid_sample = pipe.controlnet(
+        latents.to(dtype),
+        t,
+        encoder_hidden_states=embeds,
+        controlnet_cond=conditions.to(pipe.controlnet.dtype),
+        conditioning_scale=args.controlnet_conditioning_scale,
+        return_dict=False,
+    )
+    noise_pred = pipe.unet(
+        latents.to(dtype),
+        t,
+        encoder_hidden_states=embeds,
+        down_block_additional_residuals=down_samples,
+        mid_block_additional_residual=mid_sample,
+        return_dict=False,
+    )[0].float()
+    if guided:
+        uncond, text = noise_pred.chunk(2)
+        noise_pred = uncond + args.guidance_scale * (text - uncond)
+    return noise_pred
+
+
+def do_guidance(pipe, args):
+    return args.guidance_scale > 1 and pipe.unet.config.time_cond_proj_dim is None  # as the pipeline decides
+
+
+def denoise(pipe, latents, condition, tiles, args, generator):
+    """The sampling loop over a canvas of any size: every tile predicts with its own crop of the condition, the
+    predictions are blended with the tile windows, and one scheduler step moves the whole canvas (the scheduler's
+    multistep history belongs to the canvas, not to a tile)."""
+    device = latents.device
+    guided = do_guidance(pipe, args)
+    prompt_embeds, negative_embeds = pipe.encode_prompt(args.prompt, device, 1, guided, args.negative_prompt)
+    pipe.scheduler.set_timesteps(args.num_inference_steps, device=device)
+    extra_step_kwargs = pipe.prepare_extra_step_kwargs(generator, 0.0)
+    with pipe.progress_bar(total=len(pipe.scheduler.timesteps) * len(tiles)) as progress:
+        for t in pipe.scheduler.timesteps:
+            model_input = pipe.scheduler.scale_model_input(latents, t)
+            noise_pred, weight_sum = torch.zeros_like(latents), torch.zeros_like(latents[:, :1])
+            for batch in batches(tiles, args.batch_size):
+                tile_pred = predict_noise(pipe, crops(model_input, batch), t, crops(condition, batch, LATENT_FACTOR),
+                                          prompt_embeds, negative_embeds, args)
+                blend_tiles(batch, tile_pred, noise_pred, weight_sum)
+                progress.update(len(batch))
+            latents = pipe.scheduler.step(noise_pred / weight_sum, t, latents, **extra_step_kwargs, return_dict=False)[0]
+    return latents
+
+
+def decode(pipe, latents, tiles, batch_size):
+    """VAE decode in the denoising tiles, blended with the same windows in pixel space: memory stays that of a
+    batch of tiles whatever the canvas, and the decoder's tile edges fade out instead of leaving seams.
+    -> (1, 3, H, W) float in [0, 1]."""
+    vae = pipe.vae
+    image = torch.zeros(1, 3, latents.shape[-2] * LATENT_FACTOR, latents.shape[-1] * LATENT_FACTOR, device=latents.device)
+    weight_sum = torch.zeros_like(image[:, :1])
+    for batch in batches(tiles, batch_size):
+        decoded = vae.decode(crops(latents, batch).to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
+        blend_tiles(batch, decoded, image, weight_sum, LATENT_FACTOR)
+    return (image / weight_sum / 2 + 0.5).clamp(0, 1)
+
+
+def generate(pipe, image, args):
+    """Low-resolution PIL image -> (result, condition), both (1, 3, H, W) float in [0, 1] at the output size,
+    before any colour fix."""
+    device = pipe.unet.device
+    height, width = output_size(image.size, args.scale)
+    condition = make_condition(image, (height, width), args.tile_config["interpolation"], device)
+    canvas = pad_to_multiple(condition, LATENT_FACTOR)
+    tiles = canvas_tiles(height, width, args)
+    # The pipeline's own draw: randn_tensor from a CPU generator, so a seed gives the same noise on every device.
+    generator = torch.Generator("cpu").manual_seed(args.seed)
+    latents = pipe.prepare_latents(1, pipe.unet.config.in_channels, canvas.shape[-2], canvas.shape[-1], torch.float32,
+                                   device, generator)
+    with torch.no_grad():
+        latents = denoise(pipe, latents, canvas, tiles, args, generator)
+        result = decode(pipe, latents, tiles, args.batch_size)
+    return result[..., :height, :width], condition
+
+
+def upscale_image(pipe, image, args):
+    """Low-resolution PIL image -> upscaled PIL image."""
+    result, condition = generate(pipe, image, args)
+    return tc.tensor_to_image(color_fix(result, condition, args.color_fix)[0])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Colour fix (StableSR, scripts/wavelet_color_fix.py)
+
+
+def color_fix(image, reference, method):
+    """Pull the colours of `image` towards `reference` (both (N, 3, H, W) in [0, 1])."""
+    if method == "adain":
+        image = adain_color_fix(image, reference)
+    elif method == "wavelet":
+        image = wavelet_color_fix(image, reference)
+    elif method != "none":
+        raise ValueError(f"unknown colour fix {method}")
+    return image.clamp(0, 1)
+
+
+def adain_color_fix(image, reference, eps=1e-5):
+    """Each channel's mean and standard deviation made those of the reference."""
+    mean, std = image.mean((-2, -1), keepdim=True), (image.var((-2, -1), keepdim=True) + eps).sqrt()
+    ref_mean, ref_std = reference.mean((-2, -1), keepdim=True), (reference.var((-2, -1), keepdim=True) + eps).sqrt()
+    return (image - mean) / std * ref_std + ref_mean
+
+
+def wavelet_blur(image, dilation):
+    """3x3 [1, 2, 1]^2 / 16 blur, dilated, with edge pixels repeated outside the image."""
+    kernel = torch.tensor([1.0, 2.0, 1.0], device=image.device, dtype=image.dtype)
+    kernel = (kernel[:, None] * kernel[None, :] / 16).expand(image.shape[1], 1, 3, 3)
+    padded = F.pad(image, (dilation,) * 4, mode="replicate")
+    return F.conv2d(padded, kernel, groups=image.shape[1], dilation=dilation)
+
+
+def wavelet_decomposition(image, levels=WAVELET_LEVELS):
+    """-> (high frequencies, low frequencies): the sum of the band-passes of `levels` blurs, and what is left."""
+    high = torch.zeros_like(image)
+    for level in range(levels):
+        low = wavelet_blur(image, 2**level)
+        high += image - low
+        image = low
+    return high, image
+
+
+def wavelet_color_fix(image, reference):
+    """The image's high frequencies on the reference's low ones: colours and shading of the input, detail of the model."""
+    return wavelet_decomposition(image)[0] + wavelet_decomposition(reference)[1]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def main(args):
+    logging.basicConfig(format="%(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    pipe = load_pipeline(args)
+    logger.info(f"{len(args.jobs)} image(s), x{args.scale:g}, tiles of {args.tile_size} px overlapping by"
+                f" {args.tile_overlap} px, {args.num_inference_steps} steps on {args.device}, colour fix {args.color_fix}")
+    skipped = []
+    for input_path, output_path in args.jobs:
+        try:
+            image = read_image(input_path)
+        except UnreadableImage as exn:
+            logger.warning(f"skipping: {exn}")
+            skipped.append(os.path.basename(input_path))
+            continue
+        height, width = output_size(image.size, args.scale)
+        if min(height, width) < 1:
+            logger.warning(f"skipping {input_path}: x{args.scale:g} makes its {image.width}x{image.height} empty")
+            skipped.append(os.path.basename(input_path))
+            continue
+        upscale_image(pipe, image, args).save(output_path)
+        print(f"{input_path} ({image.width}x{image.height}) -> {output_path} ({width}x{height})")
+    if skipped:
+        print(f"skipped {len(skipped)} of {len(args.jobs)} file(s) that could not be upscaled: {', '.join(skipped)}")
+
+
+if __name__ == "__main__":
+    main(parse_args())
