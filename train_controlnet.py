@@ -22,6 +22,7 @@ import re
 import shutil
 import signal
 import socket
+import subprocess
 import tempfile
 import time
 from datetime import timedelta
@@ -34,6 +35,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import webdataset as wds
+from webdataset.gopen import Pipe
 from PIL import Image
 
 logger = logging.getLogger(__name__)
@@ -501,10 +503,16 @@ class SkipSample(Exception):
 # Counters of one process (the main process or one dataloader worker). Each batch carries a copy, so the training
 # process sums the latest copy of every worker and the ranks sum theirs at logging time.
 SKIP_REASONS = (
-    "missing_shard", "tar_error", "no_image", "empty_image", "decode_error", "too_large", "too_small",
+    "missing_shard", "tar_error", "pipe_error", "no_image", "empty_image", "decode_error", "too_large", "too_small",
     "filtered_min_size", "filtered_aspect", "filtered_watermark", "filtered_unsafe",
 )
 DATA_STATS = collections.Counter()
+BAD_SHARDS = set()  # shards this process has counted and named: once per run, however many passes read them
+
+
+def reset_data_stats():
+    DATA_STATS.clear()
+    BAD_SHARDS.clear()
 
 
 def resize(image, size, interpolation):
@@ -632,6 +640,7 @@ def make_tile_pair(sample, tokenizer, args, rng=None):
         "conditioning_pixel_values": condition,
         "input_ids": input_ids,
         "key": sample["__key__"],
+        "url": sample.get("__url__"),
         "caption": caption,
     }
 
@@ -655,6 +664,7 @@ def collate_fn(examples):
         "conditioning_pixel_values": torch.stack([e["conditioning_pixel_values"] for e in examples]),
         "input_ids": torch.stack([e["input_ids"] for e in examples]),
         "keys": [e["key"] for e in examples],
+        "urls": [e["url"] for e in examples],
         "captions": [e["caption"] for e in examples],
         "consumer": rank * num_workers + worker,
         "data_stats": dict(DATA_STATS),
@@ -674,33 +684,49 @@ def count_skip(exn):
     return True
 
 
-def read_shard(url):
-    """Raw samples of one shard. A missing or broken shard is counted once and reading goes on with the next."""
-    errors = {}
-
-    def on_error(exn):
-        reason = "missing_shard" if isinstance(exn, FileNotFoundError) else "tar_error"
-        errors.setdefault(reason, exn)
-        return True
-
-    yield from wds.tarfile_samples([{"url": url}], handler=on_error)
-    for reason, exn in errors.items():
+def read_shard(url, report=True):
+    """Raw samples of one shard; a missing or broken one is skipped. With `report` (the consumer that owns the shard)
+    it is counted and named in the log, once per run."""
+    errors = []
+    yield from wds.tarfile_samples([{"url": url}], handler=lambda exn: errors.append(exn) or True)
+    if errors and report and url not in BAD_SHARDS:
+        BAD_SHARDS.add(url)
+        reason, detail = shard_problem(url, errors[0])
         DATA_STATS[reason] += 1
-        logger.warning(f"{reason}: {url}: {exn!r}")
+        logger.warning(f"{reason}: {url}: {detail}; this shard is skipped for the rest of the run's passes too")
 
 
-def shuffled_pass(urls, rng, holdout_keys=frozenset(), stride=1, offset=0):
+def shard_problem(url, exn):
+    """(reason, detail) for a shard that could not be read to its end."""
+    if url.startswith("pipe:"):  # the command's exit status says more than the empty or cut tar it left behind
+        pipe = next((a for a in exn.args if isinstance(a, Pipe)), None)
+        try:
+            status = pipe.proc.wait(timeout=10) if pipe else "unknown"
+        except subprocess.TimeoutExpired:
+            status = "none yet (still running)"
+        return "pipe_error", f"command {url[len('pipe:'):]!r} exit status {status} ({exn.args[0]!r})"
+    return ("missing_shard" if isinstance(exn, FileNotFoundError) else "tar_error"), repr(exn)
+
+
+def sample_id(sample):
+    """What identifies a sample across '::'-joined specs, whose img2dataset keys all restart at 0: shard and key."""
+    return sample["__url__"], sample["__key__"]
+
+
+def shuffled_pass(urls, rng, holdout=frozenset(), stride=1, offset=0, owned=None):
     """One pass over the raw samples of `urls` in an rng-drawn shard order, through an rng-seeded shuffle buffer.
 
-    `stride`/`offset` keep every stride-th sample (consumers sharing shards); held-out keys never reach training.
+    `stride`/`offset` keep every stride-th sample (consumers sharing shards); held-out samples never reach training;
+    of the shards that fail, only the `owned` ones (all by default) are counted here.
     """
-    samples = itertools.chain.from_iterable(read_shard(u) for u in rng.sample(urls, len(urls)))
+    shards = rng.sample(urls, len(urls))
+    samples = itertools.chain.from_iterable(read_shard(u, owned is None or u in owned) for u in shards)
     samples = itertools.islice(samples, offset, None, stride)
-    samples = (s for s in samples if s["__key__"] not in holdout_keys)
+    samples = (s for s in samples if sample_id(s) not in holdout)
     return wds.shuffle(SHUFFLE_BUFFER, initial=SHUFFLE_BUFFER // 10, rng=rng)(samples)
 
 
-def consumer_samples(urls, seed, holdout_keys, start_positions, resampled=False):
+def consumer_samples(urls, seed, holdout, start_positions, resampled=False):
     """Endless stream of raw samples for this (rank, dataloader worker).
 
     Shards are dealt round-robin to the ranks x workers consumers; with fewer shards than consumers (or when a
@@ -719,6 +745,8 @@ def consumer_samples(urls, seed, holdout_keys, start_positions, resampled=False)
     parts = [(urls, consumers, me), (urls, 1, 0)]
     if len(urls) >= consumers:
         parts.insert(0, (urls[me::consumers], 1, 0))
+    # Every shard has one owner, who counts its failure: consumers that share shards would count it N times.
+    owned = None if resampled else frozenset(urls[me::consumers])
     for cycle in itertools.count():
         shard_list, stride, offset = parts[0]
         if resampled:
@@ -726,7 +754,7 @@ def consumer_samples(urls, seed, holdout_keys, start_positions, resampled=False)
         # When consumers share shards they must all read them in the same order, so `me` stays out of that seed.
         rng = random.Random(f"{seed}-{cycle}-{me if stride == 1 and len(shard_list) < len(urls) else 'all'}")
         read = 0
-        for sample in shuffled_pass(shard_list, rng, holdout_keys, stride=stride, offset=offset):
+        for sample in shuffled_pass(shard_list, rng, holdout, stride=stride, offset=offset, owned=owned):
             read += 1
             DATA_STATS["samples_read"] += 1
             if DATA_STATS["samples_read"] > skip:
@@ -751,13 +779,13 @@ def batches_of(samples, size):
             batch = []
 
 
-def make_train_dataloader(args, tokenizer, holdout_keys=frozenset(), start_positions=None):
+def make_train_dataloader(args, tokenizer, holdout=frozenset(), start_positions=None):
     """open_clip-style pipeline: this consumer's shuffled raw samples -> tile pairs -> batches."""
     urls = wds.shardlists.expand_urls(args.train_shards_path_or_url)
     seed = 0 if args.seed is None else args.seed
     rank = wds.utils.pytorch_worker_info()[0]
     pipeline = wds.DataPipeline(
-        partial(consumer_samples, urls, seed, frozenset(holdout_keys), start_positions, args.resampled_shards),
+        partial(consumer_samples, urls, seed, frozenset(holdout), start_positions, args.resampled_shards),
         wds.map(partial(make_tile_pair, tokenizer=tokenizer, args=args, rng=random), handler=count_skip),
         partial(batches_of, size=args.train_batch_size),
     )
@@ -784,7 +812,7 @@ def load_holdout(args, tokenizer):
     wanted = max(1, args.num_holdout_samples)
     examples = []
     urls = wds.shardlists.expand_urls(args.train_shards_path_or_url)
-    for sample in itertools.chain.from_iterable(read_shard(u) for u in urls):
+    for sample in itertools.chain.from_iterable(read_shard(u, report=False) for u in urls):  # training reports them
         try:
             examples.append(make_tile_pair(sample, tokenizer, args))
         except SkipSample:
@@ -792,7 +820,7 @@ def load_holdout(args, tokenizer):
         if len(examples) == wanted:
             break
     skipped = {k: v for k, v in DATA_STATS.items() if v}
-    DATA_STATS.clear()  # reading the held-out samples is not training
+    reset_data_stats()  # reading the held-out samples is not training
     if not examples:
         raise SystemExit(f"error: no usable sample in --train_shards_path_or_url={args.train_shards_path_or_url}"
                          f" (skipped: {skipped})")
@@ -1453,7 +1481,38 @@ def ignore_stop_signals(worker_id):
         signal.signal(sig, signal.SIG_IGN)
 
 
+class DropNotices(logging.Filter):
+    """Drops library log lines a user of this script cannot act on, which would bury the ones that matter."""
+
+    NOTICES = {
+        "diffusers.models.modeling_utils": (
+            "should be kept in float32: []",  # said of every model on every .to(dtype), even when there are none
+            "All model checkpoint weights were used", "All the weights of", "If your task is similar",
+        ),
+        "diffusers.configuration_utils": ("was not found in config. Values will be initialized to default values",
+                                          "were passed to", "but are not expected and will be ignored"),
+        # Validation imports diffusers' pipelines, whose image processors are never used here.
+        "transformers.utils.import_utils": ("requires torchvision (not installed)",),
+    }
+
+    def __init__(self, notices):
+        super().__init__()
+        self.notices = notices
+
+    def filter(self, record):
+        message = record.getMessage()
+        return not any(notice in message for notice in self.notices)
+
+    @classmethod
+    def install(cls, xformers_requested):
+        for name, notices in cls.NOTICES.items():
+            logging.getLogger(name).addFilter(cls(notices))
+        if not xformers_requested:  # its import, by diffusers, warns when its kernels do not fit this torch
+            logging.getLogger("xformers").setLevel(logging.ERROR)
+
+
 def main(args):
+    DropNotices.install(args.enable_xformers_memory_efficient_attention)
     import diffusers
     import transformers
     from accelerate import Accelerator
@@ -1617,7 +1676,8 @@ def main(args):
 
     # The loader is kept out of accelerator.prepare: each rank reads its own shards (see consumer_samples) instead
     # of rank 0 reading for everyone and broadcasting.
-    train_dataloader = make_train_dataloader(args, tokenizer, holdout["keys"] if holdout else (), data_positions)
+    held_out = set(zip(holdout["urls"], holdout["keys"])) if holdout else ()
+    train_dataloader = make_train_dataloader(args, tokenizer, held_out, data_positions)
     progress = DataProgress(accelerator, args.dataloader_num_workers, data_positions)
 
     logger.info("***** Running training *****")

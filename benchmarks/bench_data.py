@@ -124,7 +124,7 @@ def main():
               f" (median {short[len(short) // 2]}), long side up to {max(max(s) for s in sizes)} px")
 
         save_pipeline(os.path.join(tmp, "tiny"))
-        args = tc.parse_args(["--train_shards_path_or_url=pipe:true", "--max_train_steps=1",
+        args = tc.make_parser().parse_args(["--train_shards_path_or_url=pipe:true", "--max_train_steps=1",
                               f"--resolution={cli.resolution}", f"--condition_resolution={cli.condition_resolution}"])
         args.pretrained_model_name_or_path = os.path.join(tmp, "tiny")
         tokenizer = tc.load_tokenizer(args)

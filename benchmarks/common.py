@@ -22,7 +22,7 @@ import train_controlnet as tc  # noqa: E402
 
 def trainer_args(*extra):
     """The trainer's own defaults (lr, Adam betas/eps/decay, scheduler, max_grad_norm...), plus `extra` flags."""
-    return tc.parse_args(["--train_shards_path_or_url=pipe:true", "--max_train_steps=100000", *extra])
+    return tc.make_parser().parse_args(["--train_shards_path_or_url=pipe:true", "--max_train_steps=100000", *extra])
 
 
 def tiny_models(model_dir):

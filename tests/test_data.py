@@ -28,7 +28,7 @@ def first_sample(shard_spec):
 
 def tile_args(**overrides):
     """The argparse namespace the data path reads, as parse_args would make it."""
-    return tc.parse_args(["--train_shards_path_or_url=pipe:true", "--max_train_steps=1", f"--resolution={RES}",
+    return tc.make_parser().parse_args(["--train_shards_path_or_url=pipe:true", "--max_train_steps=1", f"--resolution={RES}",
                           f"--condition_resolution={COND}", *[f"--{k}={v}" for k, v in overrides.items()]])
 
 
@@ -159,9 +159,40 @@ def test_loader_workers_own_disjoint_shards(shards, tokenizer):
     assert next(batches)["pixel_values"].shape == (4, 3, RES, RES)
 
 
-def test_missing_shard_is_skipped_with_a_warning(shards, tokenizer, caplog):
+def test_missing_shard_is_counted_and_named_once_over_many_passes(shards, tokenizer, caplog):
     spec = shards.replace("00004}", "00005}")  # 00005.tar does not exist
+    tc.reset_data_stats()
     batches = iter(tc.make_train_dataloader(loader_args(spec, 0), tokenizer))
-    keys = [k for _ in range(20) for k in next(batches)["keys"]]
-    assert len(keys) == 80
-    assert "missing_shard: " in caplog.text and "00005.tar" in caplog.text
+    keys = [k for _ in range(45) for k in next(batches)["keys"]]  # 3 passes over the 60 samples
+    assert len(keys) == 180 and len(set(keys)) == 60
+    assert tc.DATA_STATS["missing_shard"] == 1 and tc.DATA_STATS["samples_read"] >= 180
+    assert len([r for r in caplog.records if "00005.tar" in r.getMessage()]) == 1  # named once, not once a pass
+
+
+def test_failed_pipe_command_is_reported_with_its_exit_status(shards, tokenizer, tmp_path, caplog):
+    spec = f"{shards}::pipe:cat {tmp_path}/gone.tar"
+    tc.reset_data_stats()
+    batches = iter(tc.make_train_dataloader(loader_args(spec, 0), tokenizer))
+    keys = [k for _ in range(30) for k in next(batches)["keys"]]
+    assert len(set(keys)) == 60
+    assert tc.DATA_STATS["pipe_error"] == 1 and tc.DATA_STATS["tar_error"] == 0
+    assert f"pipe_error: pipe:cat {tmp_path}/gone.tar: command 'cat {tmp_path}/gone.tar' exit status 1" in caplog.text
+
+
+def test_held_out_samples_are_told_apart_by_shard_across_joined_specs(tmp_path, tokenizer):
+    """Two img2dataset outputs joined with '::' have the same keys (both restart at 0): holding out the first one's
+    first samples must not drop the second one's samples with the same keys."""
+    from make_shards import write_shards
+
+    for name in ("a", "b"):
+        write_shards(str(tmp_path / name), num_shards=1, samples_per_shard=12, seed=0)
+    spec = f"{tmp_path}/a/00000.tar::{tmp_path}/b/00000.tar"
+    args = loader_args(spec, 0)
+    args.num_holdout_samples = 4
+    holdout = tc.load_holdout(args, tokenizer)
+    held_out = set(zip(holdout["urls"], holdout["keys"]))
+    assert all(url.endswith("a/00000.tar") for url, _ in held_out)
+    batches = iter(tc.make_train_dataloader(args, tokenizer, held_out))
+    first_pass = [(u, k) for _ in range(5) for b in [next(batches)] for u, k in zip(b["urls"], b["keys"])]
+    assert len(first_pass) == 20 and not held_out & set(first_pass)
+    assert sum(u.endswith("b/00000.tar") for u, _ in first_pass) == 12  # all of b, same keys as a's held-out ones

@@ -35,7 +35,7 @@ def open_fds():
 
 
 def test_every_usable_sample_used_every_bad_one_counted(faulty, tokenizer):
-    tc.DATA_STATS.clear()
+    tc.reset_data_stats()
     fds = open_fds()
     start = time.time()
     pairs = one_pass(faulty["spec"], tokenizer, tile_args())
@@ -56,12 +56,12 @@ def test_transparent_sample_reads_as_white(faulty, tokenizer):
 
 
 def test_metadata_filters_count_their_own_reasons(shards, tokenizer):
-    tc.DATA_STATS.clear()
+    tc.reset_data_stats()
     # make_shards' photos are 96-396 px crops of originals of 300-1000+ px, non-square
     pairs = one_pass(shards, tokenizer, tile_args(max_aspect_ratio=1.2, max_pwatermark=0.5))
     assert tc.DATA_STATS["filtered_aspect"] > 0 and pairs
     assert "filtered_watermark" not in tc.DATA_STATS  # the field is absent: unknown means keep
-    tc.DATA_STATS.clear()
+    tc.reset_data_stats()
     assert one_pass(shards, tokenizer, tile_args(min_image_size=100000)) == []
     assert tc.DATA_STATS["filtered_min_size"] == 60
 
