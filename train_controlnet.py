@@ -1433,6 +1433,38 @@ class IntervalMeter:
         return metrics, dict(zip(STAT_KEYS, stats)), stop
 
 
+def train_step(batch, models, noise_scheduler, optimizer, lr_scheduler, encode_prompts, meter, accelerator, args,
+               weight_dtype):
+    """One micro-batch: loss, backward and, at the end of an accumulation, the optimisation step.
+
+    -> False for an optimisation step whose loss or gradient norm is not finite: it changed no weight (fp16's grad
+    scaler skipped it, or the guard here did), True otherwise.
+    """
+    vae, unet, controlnet = models
+    scaled = accelerator.scaler is not None  # fp16
+    with accelerator.accumulate(controlnet):
+        pixel_values, conditions = model_inputs(batch, args, accelerator.device)
+        loss = controlnet_loss(
+            vae, unet, controlnet, noise_scheduler, pixel_values, conditions, encode_prompts(batch["input_ids"]),
+            weight_dtype,
+        ).mean()
+        accelerator.backward(loss)
+        meter.add(loss / args.gradient_accumulation_steps)
+        finite = True
+        if accelerator.sync_gradients:
+            grad_norm = accelerator.clip_grad_norm_(controlnet.parameters(), args.max_grad_norm)
+            # The guard's host read, one per optimisation step: a non-finite step must change no weight. The
+            # gradients are all-reduced before the norm, so every rank reads the same value and all ranks skip the
+            # same steps without a collective; a non-finite loss on any rank makes the reduced gradients so too.
+            finite = bool(torch.isfinite(grad_norm))
+            meter.end_step(grad_norm, finite, scaled)
+        if finite or scaled:  # fp16's scaler skips a non-finite step itself, and must see it to lower its scale
+            optimizer.step()
+            lr_scheduler.step()
+        optimizer.zero_grad(set_to_none=args.set_grads_to_none)
+    return finite
+
+
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # what SLURM and spot instances send before they kill a job
 
 
@@ -1712,8 +1744,8 @@ def main(args):
         keys_file = open(os.path.join(args.output_dir, "sample_keys", f"rank-{accelerator.process_index}.txt"), "a")
     stopped_by = None
     image_logs = None
-    scaled = accelerator.scaler is not None  # fp16: the grad scaler skips non-finite steps on its own
-    nonfinite_streak, diverged, grad_norm = 0, False, None
+    nonfinite_streak, diverged = 0, False
+    models = (vae, unet, controlnet)
     if accelerator.is_main_process and global_step == 0 and holdout is not None:
         validate(0, unwrap_model(controlnet))  # the baseline: a fresh ControlNet's gap is exactly 0
     with endless_batches(train_dataloader) as batches:
@@ -1723,33 +1755,14 @@ def main(args):
             progress.update(batch)
             if keys_file:
                 keys_file.writelines(f"{global_step + 1} {batch['consumer']} {key}\n" for key in batch["keys"])
-            with accelerator.accumulate(controlnet):
-                pixel_values, conditions = model_inputs(batch, args, accelerator.device)
-                loss = controlnet_loss(
-                    vae, unet, controlnet, noise_scheduler, pixel_values, conditions, encode_prompts(batch["input_ids"]),
-                    weight_dtype,
-                ).mean()
-                accelerator.backward(loss)
-                meter.add(loss / args.gradient_accumulation_steps)
-                finite = True
-                if accelerator.sync_gradients:
-                    grad_norm = accelerator.clip_grad_norm_(controlnet.parameters(), args.max_grad_norm)
-                    # The guard's host read, one per optimisation step: a non-finite step must change no weight.
-                    # The gradients are all-reduced before the norm, so every rank reads the same value and all
-                    # ranks skip the same steps without a collective; a non-finite loss on any rank makes them so.
-                    finite = bool(torch.isfinite(grad_norm))
-                if finite or scaled:  # fp16's scaler skips a non-finite step itself, and must see it to lower its scale
-                    optimizer.step()
-                    lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=args.set_grads_to_none)
-
+            finite = train_step(batch, models, noise_scheduler, optimizer, lr_scheduler, encode_prompts, meter,
+                                accelerator, args, weight_dtype)
             if not accelerator.sync_gradients:
                 continue
-            meter.end_step(grad_norm, finite, scaled)
             progress_bar.update(1)
             global_step += 1
             nonfinite_streak = 0 if finite else nonfinite_streak + 1
-            if not finite and not scaled:
+            if not finite and accelerator.scaler is None:  # fp16's scaler skips some steps as a matter of course
                 logger.warning(f"step {global_step}: non-finite loss or gradient norm; step skipped, no weight changed")
             diverged = nonfinite_streak >= args.max_nonfinite_steps
 

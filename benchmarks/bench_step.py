@@ -51,7 +51,7 @@ def main():
     print(f"{what}; ControlNet {params:.1f} M params; {resolution} px, batch {batch_size}, fp32 on"
           f" {s.accelerator.device.type} x {torch.get_num_threads()} thread(s); warmup {warmup}, best of {rounds}"
           f" round(s) x {steps} steps; total {time.perf_counter() - t0:.0f} s")
-    print(f"project step (train_controlnet.controlnet_loss + trainer loop body)  {best['project']:.4f} s/step")
+    print(f"project step (train_controlnet.train_step)                          {best['project']:.4f} s/step")
     print(f"reference step (diffusers examples/controlnet, loss.item() per step) {best['reference']:.4f} s/step")
     print(f"step_vs_reference: {best['project'] / best['reference']:.2f}")
 

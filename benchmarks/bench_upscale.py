@@ -163,8 +163,10 @@ def run_variant(pipe, args, hr, variant):
         images[method], seconds = timed(tc.resize, small, size, method)
         rows[method] = scores(images[method], hr, clean_small, factor, interpolation, tiles, seconds)
     (result, condition), seconds = timed(up.generate, pipe, tc.tensor_to_image(small), args)
+    low_res = small[None].to(result.device).float() / 255
     for fix in up.COLOR_FIXES:
-        fixed, fix_seconds = timed(up.color_fix, result, condition, fix)
+        args.color_fix = fix
+        fixed, fix_seconds = timed(up.color_fix, result, condition, low_res, args)
         images[f"model ({fix})"] = to_uint8(fixed)
         rows[f"model ({fix})"] = scores(images[f"model ({fix})"], hr, clean_small, factor, interpolation, tiles,
                                         seconds + fix_seconds)
@@ -174,10 +176,10 @@ def run_variant(pipe, args, hr, variant):
 def print_table(variant, small, hr, rows, default_fix):
     name, description, factor, *_ = variant
     print(f"\n{name}: {description}, x{factor}: {small.shape[2]}x{small.shape[1]} -> {hr.shape[2]}x{hr.shape[1]}")
-    print(f"  {'method':<18} {'PSNR dB':>8} {'SSIM':>7} {'consist. dB':>12} {'seam':>7} {'s/MP':>9}")
+    print(f"  {'method':<24} {'PSNR dB':>8} {'SSIM':>7} {'consist. dB':>12} {'seam':>7} {'s/MP':>9}")
     for method, row in rows.items():
         mark = " *" if method == f"model ({default_fix})" else ""
-        print(f"  {method + mark:<18} {row['psnr']:8.2f} {row['ssim']:7.4f} {row['consistency']:12.2f}"
+        print(f"  {method + mark:<24} {row['psnr']:8.2f} {row['ssim']:7.4f} {row['consistency']:12.2f}"
               f" {row['seam']:7.3f} {row['s_per_mp']:9.2f}")
 
 

@@ -123,20 +123,9 @@ def make_batches(n, batch_size, resolution, tokenizer, seed=0):
 
 
 def project_step(s, batch):
-    """The body of train_controlnet.main's loop, data wait and logging-step bookkeeping left out."""
-    device = s.accelerator.device
-    with s.accelerator.accumulate(s.controlnet):
-        pixels, conditions = tc.model_inputs(batch, s.args, device)
-        loss = tc.controlnet_loss(s.vae, s.unet, s.controlnet, s.noise_scheduler, pixels, conditions,
-                                  s.encode_prompts(batch["input_ids"]), s.weight_dtype).mean()
-        s.accelerator.backward(loss)
-        grad_norm = None
-        if s.accelerator.sync_gradients:
-            grad_norm = s.accelerator.clip_grad_norm_(s.controlnet.parameters(), s.args.max_grad_norm)
-        s.optimizer.step()
-        s.lr_scheduler.step()
-        s.optimizer.zero_grad(set_to_none=s.args.set_grads_to_none)
-    s.meter.add(loss.detach() / s.args.gradient_accumulation_steps, grad_norm)  # stays on the device
+    """The trainer's step (train_controlnet.train_step); data wait and logging-step bookkeeping left out."""
+    tc.train_step(batch, (s.vae, s.unet, s.controlnet), s.noise_scheduler, s.optimizer, s.lr_scheduler,
+                  s.encode_prompts, s.meter, s.accelerator, s.args, s.weight_dtype)
 
 
 def reference_step(s, batch):
