@@ -1,5 +1,6 @@
 """Nothing trained is lost on a cluster: divergence, a full disk, a rank that dies."""
 
+import json
 import os
 import resource
 import signal
@@ -33,11 +34,22 @@ def test_divergence_changes_no_weight_and_stops_naming_the_good_checkpoint(tiny_
     assert "5 optimisation steps in a row" in errors[0]
     assert checkpoints(out) == ["checkpoint-2"] and finite(out / "checkpoint-2" / "controlnet")
     assert not (out / "diffusion_pytorch_model.safetensors").exists()  # no final model of diverged weights
-    import json
-
     rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["train/nonfinite_steps"] == 5 and rows[-1]["step"] == 7
     assert proc.log.count("non-finite loss or gradient norm; step skipped") == 5
+
+
+def test_non_finite_steps_change_no_weight(tiny_model, shards, tmp_path):
+    """The same blow-up, ending before the streak limit: steps 3-6 are skipped, so the final model is exactly the
+    step-2 checkpoint's weights (finite); the checkpoints due mid-streak wait."""
+    out = tmp_path / "out"
+    proc = run_cli(base_args(tiny_model, shards, str(out), learning_rate=1e4, max_train_steps=6, checkpointing_steps=2,
+                             num_holdout_samples=0), cwd=tmp_path)
+    assert_ok(proc)
+    assert checkpoints(out) == ["checkpoint-2"]
+    final, step2 = weights(out), weights(out / "checkpoint-2" / "controlnet")
+    assert all(torch.equal(final[k], step2[k]) for k in final) and finite(out)
+    assert proc.log.count("non-finite loss or gradient norm; step skipped") == 4
 
 
 def limit_file_size(size):
