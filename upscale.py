@@ -10,15 +10,14 @@ model was trained with (read from the ControlNet's tile_config.json): that is th
 it. The output canvas is denoised in overlapping latent tiles (MultiDiffusion / Mixture of Diffusers): at every step
 each tile is predicted by the UNet and the ControlNet with its own crop of the condition, the predictions are blended
 with smooth windows, and one scheduler step moves the whole canvas. The canvas is decoded in the same tiles, blended
-the same way, and an optional colour fix pulls the result's colours back to the input's.
+the same way, and a colour fix pulls the result back to the input (by default a back-projection: reduced again, the
+result is the input).
 """
 
 import argparse
-import json
 import logging
 import math
 import os
-import tempfile
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -30,12 +29,10 @@ import train_controlnet as tc
 
 logger = logging.getLogger(__name__)
 
-COLOR_FIXES = ("none", "adain", "wavelet")
+COLOR_FIXES = ("none", "adain", "wavelet", "backprojection")
 LATENT_FACTOR = 8  # SD VAEs downsample by 8; the trainer's --resolution is a multiple of it for the same reason
 WAVELET_LEVELS = 5  # StableSR's wavelet colour fix: blurs with dilation 1, 2, 4, 8, 16
-# A ControlNet's residuals are added to the UNet's at every down block: these settings must agree for them to fit.
-MATCHING_CONFIG_KEYS = ("in_channels", "block_out_channels", "down_block_types", "layers_per_block",
-                        "transformer_layers_per_block", "cross_attention_dim")
+BACKPROJECTION_STEPS = 5  # each step multiplies the error of the result's reduction by ~0.4 (measured: 33 -> 48 dB)
 
 
 class UnreadableImage(Exception):
@@ -112,10 +109,14 @@ def parse_args(input_args=None):
     parser.add_argument(
         "--color_fix",
         type=str,
-        default="wavelet",
+        default=None,
         choices=COLOR_FIXES,
-        help="Match the result's colours to the enlarged input: 'wavelet' keeps the result's fine detail and takes"
-        " the input's low frequencies; 'adain' matches each channel's mean and std; 'none' keeps the model's colours.",
+        help="How the result is pulled back to the input. 'backprojection': the result, reduced as the trainer"
+        " reduces, is made equal to the input, so everything the input resolves (colours, shapes) comes from it and"
+        " only finer detail is the model's; it also keeps the input's noise and JPEG artefacts. 'wavelet' (StableSR):"
+        " the enlarged input's low frequencies (colours, shading) under the result's detail, which lets a model that"
+        " removes degradations do so. 'adain': each channel's mean and std. 'none': the model's own. Default:"
+        " 'wavelet' for a model trained on degraded conditions (its tile_config.json says so), else 'backprojection'.",
     )
     parser.add_argument("--seed", type=int, default=0, help="Seed of the initial noise (same seed, same image).")
     parser.add_argument(
@@ -160,12 +161,24 @@ def check_args(args):
 
     try:
         args.controlnet_dir = resolve_controlnet(args.controlnet_model_name_or_path)
-        check_compatible(args.pretrained_model_name_or_path, args.controlnet_dir, args.revision)
+        unet_config = tc.read_model_config(args.pretrained_model_name_or_path, "unet", args.revision)
+        mismatch = tc.controlnet_mismatch(tc.read_model_config(args.controlnet_dir), unet_config)
     except ValueError as exn:
         fail(str(exn))
+    if mismatch:
+        fail(f"the ControlNet in {args.controlnet_dir} does not fit the base {args.pretrained_model_name_or_path}:"
+             f" {mismatch}")
     args.tile_config = tc.load_tile_config(args.controlnet_dir)
+    trained_scales = args.tile_config.get("condition_scales") or [args.tile_config["scale"]]
     if args.scale is None:
         args.scale = float(args.tile_config["scale"])
+    elif args.scale not in trained_scales:
+        trained = ", x".join(f"{s:g}" for s in trained_scales)
+        logger.warning(f"--scale={args.scale:g}: the ControlNet was trained for x{trained}; its conditions will look"
+                       " sharper or blurrier than any it saw")
+    if args.color_fix is None:
+        # Back-projection would put back the noise and artefacts that a model trained on degraded inputs removes.
+        args.color_fix = "wavelet" if args.tile_config.get("condition_degradation") else "backprojection"
     if args.tile_size is None:
         args.tile_size = int(args.tile_config["resolution"])
     if args.tile_overlap is None:
@@ -198,72 +211,28 @@ def check_args(args):
 def resolve_controlnet(name):
     """--controlnet_model_name_or_path -> the local folder that holds the ControlNet's config.json and weights.
 
-    A training output_dir holds the final model; a checkpoint-N holds it in controlnet/. A name that is not a local
-    path is fetched from the hub. ValueError with the reason otherwise.
+    A training output_dir holds the final model; a checkpoint-N holds it in controlnet/; any other name is a hub id
+    (fetched with its tile_config.json). ValueError with the reason otherwise.
     """
     if os.path.isdir(name):
         for folder in (name, os.path.join(name, "controlnet")):
             if os.path.isfile(os.path.join(folder, "config.json")):
-                return check_controlnet_folder(folder)
+                return check_weights(folder)
         raise ValueError(f"--controlnet_model_name_or_path: no ControlNet (config.json) in {name} or {name}/controlnet"
                          " (give a train_controlnet.py --output_dir or one of its checkpoint-N folders)")
-    if os.path.exists(name) or name.startswith((".", "/", "~")) or name.count("/") != 1:
-        raise ValueError(f"--controlnet_model_name_or_path: no such folder: {name}")
-    try:
-        from huggingface_hub import snapshot_download
+    try:  # one clear line for a missing folder, a malformed hub id, no network or no such repository
+        tc.read_model_config(name)
+    except ValueError as exn:
+        raise ValueError(f"--controlnet_model_name_or_path: {exn}")
+    from huggingface_hub import snapshot_download
 
-        folder = snapshot_download(name, allow_patterns=["*.json", "*.safetensors"])
-    except Exception as exn:
-        raise ValueError(f"--controlnet_model_name_or_path: {name} is not a local folder, and the hub has no such"
-                         f" model ({type(exn).__name__})")
-    return check_controlnet_folder(folder)
+    return check_weights(snapshot_download(name, allow_patterns=["*.json", "*.safetensors"]))
 
 
-def check_controlnet_folder(folder):
-    config = read_config(folder)
-    if config.get("_class_name") != "ControlNetModel":
-        raise ValueError(f"--controlnet_model_name_or_path: {folder} holds a {config.get('_class_name')}, not a"
-                         " ControlNetModel")
+def check_weights(folder):
     if not any(f.startswith("diffusion_pytorch_model.") for f in os.listdir(folder)):
-        raise ValueError(f"--controlnet_model_name_or_path: {folder} has a config but no weights")
+        raise ValueError(f"--controlnet_model_name_or_path: {folder} has a config.json but no weights")
     return folder
-
-
-def read_config(folder, subfolder=None, revision=None):
-    """A model's config.json, from a local folder or the hub, without importing diffusers (whose model imports
-    print warnings, and those would bury a one-line error)."""
-    path = os.path.join(folder, subfolder or "", "config.json")
-    if not os.path.isdir(folder):
-        from huggingface_hub import hf_hub_download
-
-        try:
-            path = hf_hub_download(folder, "config.json", subfolder=subfolder, revision=revision)
-        except Exception as exn:
-            raise ValueError(f"cannot read {subfolder}/config.json of {folder}: not a local folder and not on the hub"
-                             f" ({type(exn).__name__})")
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError) as exn:
-        raise ValueError(f"cannot read {path}: {exn}")
-
-
-def check_compatible(base, controlnet_dir, revision=None):
-    """A ControlNet made from another base's UNet fails deep inside the first forward pass: compare their configs."""
-    unet = read_config(base, "unet", revision)
-    controlnet = read_config(controlnet_dir)
-    blocks = len(unet.get("down_block_types", ()))
-
-    def per_block(value):  # configs write a per-block setting as one value or a list of them
-        return list(value) if isinstance(value, (list, tuple)) else [value] * blocks
-
-    for key in MATCHING_CONFIG_KEYS:
-        if key in unet and key in controlnet and per_block(unet[key]) != per_block(controlnet[key]):
-            raise ValueError(f"the ControlNet in {controlnet_dir} does not fit the base {base}: {key} is"
-                             f" {controlnet[key]} in the ControlNet and {unet[key]} in the base's UNet")
-    if controlnet.get("conditioning_channels", 3) != 3:
-        raise ValueError(f"the ControlNet in {controlnet_dir} takes {controlnet['conditioning_channels']}-channel"
-                         " conditions; a tile model takes RGB images (3)")
 
 
 def list_jobs(input_path, output_path):
@@ -284,19 +253,14 @@ def stem(path):
 
 
 def output_problem(path, folder):
-    """Why `path` can't take the output (None if it can): tried for real, since permission bits don't tell root."""
+    """Why `path` (an image, or a folder with `folder`) can't take the output, or None."""
     directory = path if folder else os.path.dirname(os.path.abspath(path))
     if not folder:
         extension = os.path.splitext(path)[1].lower()
         if Image.registered_extensions().get(extension) not in Image.SAVE:
             return f"{path} needs an image extension PIL can write (.png, .jpg, .webp, ...)"
-    try:
-        os.makedirs(directory, exist_ok=True)
-        with tempfile.TemporaryFile(dir=directory):
-            pass
-    except OSError as exn:
-        return f"cannot write to {directory} ({exn.strerror or exn})"
-    return None
+    problem = tc.output_dir_problem(directory)
+    return problem and f"cannot write to {directory} ({problem})"
 
 
 def read_image(path):
@@ -349,12 +313,12 @@ def load_pipeline(args):
 
 
 def tile_starts(length, tile, overlap):
-    """Starts of tiles of size `tile` covering [0, length), spread evenly so that neighbours overlap by at least
-    `overlap` and the last tile ends exactly at `length`."""
+    """Starts of tiles of size `tile` covering [0, length): a regular stride of tile - overlap, and a last tile flush
+    with the end. (A regular stride makes 50%-overlapping windows sum to a constant, and keeps the tile borders on
+    few lines.)"""
     if length <= tile:
         return [0]
-    count = math.ceil((length - tile) / (tile - overlap)) + 1
-    return [round(i * (length - tile) / (count - 1)) for i in range(count)]
+    return list(range(0, length - tile, tile - overlap)) + [length - tile]
 
 
 def tile_grid(height, width, tile, overlap):
@@ -504,7 +468,8 @@ def denoise(pipe, latents, condition, tiles, args, generator):
                                           prompt_embeds, negative_embeds, args)
                 blend_tiles(batch, tile_pred, noise_pred, weight_sum)
                 progress.update(len(batch))
-            latents = pipe.scheduler.step(noise_pred / weight_sum, t, latents, **extra_step_kwargs, return_dict=False)[0]
+            noise_pred = noise_pred / weight_sum
+            latents = pipe.scheduler.step(noise_pred, t, latents, **extra_step_kwargs, return_dict=False)[0]
     return latents
 
 
@@ -513,7 +478,8 @@ def decode(pipe, latents, tiles, batch_size):
     batch of tiles whatever the canvas, and the decoder's tile edges fade out instead of leaving seams.
     -> (1, 3, H, W) float in [0, 1]."""
     vae = pipe.vae
-    image = torch.zeros(1, 3, latents.shape[-2] * LATENT_FACTOR, latents.shape[-1] * LATENT_FACTOR, device=latents.device)
+    height, width = latents.shape[-2] * LATENT_FACTOR, latents.shape[-1] * LATENT_FACTOR
+    image = torch.zeros(1, 3, height, width, device=latents.device)
     weight_sum = torch.zeros_like(image[:, :1])
     for batch in batches(tiles, batch_size):
         decoded = vae.decode(crops(latents, batch).to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
@@ -542,21 +508,25 @@ def generate(pipe, image, args):
 def upscale_image(pipe, image, args):
     """Low-resolution PIL image -> upscaled PIL image."""
     result, condition = generate(pipe, image, args)
-    return tc.tensor_to_image(color_fix(result, condition, args.color_fix)[0])
+    low_res = tc.image_to_tensor(image)[None].to(result.device).float() / 255
+    return tc.tensor_to_image(color_fix(result, condition, low_res, args)[0])
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Colour fix (StableSR, scripts/wavelet_color_fix.py)
+# Colour fix (adain and wavelet: StableSR, scripts/wavelet_color_fix.py)
 
 
-def color_fix(image, reference, method):
-    """Pull the colours of `image` towards `reference` (both (N, 3, H, W) in [0, 1])."""
-    if method == "adain":
-        image = adain_color_fix(image, reference)
-    elif method == "wavelet":
-        image = wavelet_color_fix(image, reference)
-    elif method != "none":
-        raise ValueError(f"unknown colour fix {method}")
+def color_fix(image, condition, low_res, args):
+    """The result pulled towards the input by --color_fix. `condition` is the input enlarged to the result's size,
+    `low_res` the input itself: (N, 3, ., .) in [0, 1]."""
+    if args.color_fix == "adain":
+        image = adain_color_fix(image, condition)
+    elif args.color_fix == "wavelet":
+        image = wavelet_color_fix(image, condition)
+    elif args.color_fix == "backprojection":
+        image = backprojection(image, low_res, args.tile_config["interpolation"])
+    elif args.color_fix != "none":
+        raise ValueError(f"unknown colour fix {args.color_fix}")
     return image.clamp(0, 1)
 
 
@@ -586,18 +556,35 @@ def wavelet_decomposition(image, levels=WAVELET_LEVELS):
 
 
 def wavelet_color_fix(image, reference):
-    """The image's high frequencies on the reference's low ones: colours and shading of the input, detail of the model."""
+    """The image's high frequencies on the reference's low ones: the input's colours and shading, the model's detail."""
     return wavelet_decomposition(image)[0] + wavelet_decomposition(reference)[1]
+
+
+def backprojection(image, low_res, interpolation, steps=BACKPROJECTION_STEPS):
+    """Iterative back-projection (Irani and Peleg, 1991): add the enlarged difference between the input and the
+    result reduced to the input's size, until the reduced result is the input.
+
+    Reduction and enlargement use the model's filter, as the trainer made the model's conditions (bicubic for
+    PIL's filters, which have no float kernel)."""
+    mode = interpolation if interpolation in tc.TORCH_FILTERS else "bicubic"
+
+    def resize(x, size):
+        return F.interpolate(x, size=tuple(size), mode=mode, antialias=True)
+
+    for _ in range(steps):
+        image = image + resize(low_res - resize(image, low_res.shape[-2:]), image.shape[-2:])
+    return image
 
 
 # ----------------------------------------------------------------------------------------------------------------
 
 
 def main(args):
-    logging.basicConfig(format="%(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    tc.DropNotices.install(xformers_requested=False)
     pipe = load_pipeline(args)
     logger.info(f"{len(args.jobs)} image(s), x{args.scale:g}, tiles of {args.tile_size} px overlapping by"
-                f" {args.tile_overlap} px, {args.num_inference_steps} steps on {args.device}, colour fix {args.color_fix}")
+                f" {args.tile_overlap} px, {args.num_inference_steps} steps on {args.device},"
+                f" colour fix {args.color_fix}")
     skipped = []
     for input_path, output_path in args.jobs:
         try:
@@ -618,4 +605,5 @@ def main(args):
 
 
 if __name__ == "__main__":
+    logging.basicConfig(format="%(levelname)s - %(name)s - %(message)s", level=logging.INFO)  # before the checks warn
     main(parse_args())

@@ -23,6 +23,16 @@ import upscale as up
 STEPS = "2"
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiles of 8x8 latents gain nothing from a second thread, and on a busy 2-core machine its spin-waiting made
+    this file 4x slower (115 s against 30 s)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def controlnet_dir(tiny_model, tmp_path_factory):
     from diffusers import ControlNetModel, UNet2DConditionModel
@@ -57,25 +67,34 @@ def cli(tiny_model, controlnet_dir, input_path, output_path, *extra):
     return [str(flag) for flag in flags]
 
 
+def load(base, controlnet_dir, photo, out):
+    """A pipeline, and a function that makes parsed arguments for it."""
+    def make_args(*extra):
+        return up.parse_args(cli(base, controlnet_dir, photo, out, *extra))
+
+    pipe = up.load_pipeline(make_args())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, make_args
+
+
 @pytest.fixture(scope="module")
 def pipeline(tiny_model, controlnet_dir, photo, tmp_path_factory):
-    """The pipeline loaded once, and a function that makes parsed arguments for it."""
-    out = tmp_path_factory.mktemp("out") / "x.png"
+    """On the random base: its colours are its own, and it is the plain pipeline's equal."""
+    return load(tiny_model, controlnet_dir, photo, tmp_path_factory.mktemp("out") / "x.png")
 
-    def make_args(*extra):
-        return up.parse_args(cli(tiny_model, controlnet_dir, photo, out, *extra))
 
-    return up.load_pipeline(make_args()), make_args
+@pytest.fixture(scope="module")
+def trained_pipeline(controlnet_dir, photo, tmp_path_factory):
+    """On the shipped trained base (same shapes as the random one): its VAE decodes real image structure, so a tile
+    border that the decoder leaves unblended shows (the random VAE's output is noise-like everywhere)."""
+    base = str(ROOT / "tools" / "tiny-sd-trained")
+    return load(base, controlnet_dir, photo, tmp_path_factory.mktemp("out") / "x.png")
 
 
 def write_image(path, width, height, seed=0):
     rng = np.random.default_rng(seed)
     Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(path)
     return str(path)
-
-
-def to_tensor(image):
-    return tc.image_to_tensor(image).float() / 255
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -126,6 +145,24 @@ def test_checkpoint_folder_and_old_folder_without_tile_config(tiny_model, contro
     assert Image.open(tmp_path / "b.png").size == (40, 24)
 
 
+def test_defaults_follow_tile_config(tiny_model, controlnet_dir, photo, tmp_path, caplog):
+    """The colour fix keeps the input's degradations unless the model was trained to remove them; a factor the
+    model never saw is allowed, with a warning."""
+    assert up.parse_args(cli(tiny_model, controlnet_dir, photo, tmp_path / "a.png")).color_fix == "backprojection"
+    degraded = tmp_path / "degraded"
+    shutil.copytree(controlnet_dir, degraded)
+    config = json.loads((degraded / tc.TILE_CONFIG).read_text())
+    config.update(condition_scales=[2, 4], condition_degradation={"jpeg_quality": [30, 95]})
+    (degraded / tc.TILE_CONFIG).write_text(json.dumps(config))
+    args = up.parse_args(cli(tiny_model, degraded, photo, tmp_path / "b.png"))
+    assert (args.color_fix, args.scale) == ("wavelet", 4.0)
+    with caplog.at_level("WARNING"):
+        up.parse_args(cli(tiny_model, degraded, photo, tmp_path / "b.png", "--scale", "2"))
+        assert not caplog.text
+        up.parse_args(cli(tiny_model, degraded, photo, tmp_path / "b.png", "--scale", "3"))
+    assert "--scale=3: the ControlNet was trained for x2, x4" in caplog.text
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The loop is diffusers' loop
 
@@ -162,21 +199,25 @@ def gradient_image():
 
 
 @pytest.mark.parametrize("source", ["gradient", "photo"])
-def test_no_seams(pipeline, photo, source):
-    pipe, make_args = pipeline
+def test_no_seams(trained_pipeline, photo, source):
+    """Measured over seeds 0-5: 0.93-1.20 on the gradient, 0.93-1.12 on the photo (2 steps leave the random
+    ControlNet's noise-driven content, which differs between the few border lines and the others); with the decoded
+    tiles averaged instead of blended: 3.3-4.0; with tiles pasted over each other: 4.9-5.2."""
+    pipe, make_args = trained_pipeline
     args = make_args("--color_fix", "none")
     image = gradient_image() if source == "gradient" else Image.open(photo)
     result, _ = up.generate(pipe, image, args)
     tiles = up.canvas_tiles(*result.shape[-2:], args)
     assert len(tiles) >= 9
     score = up.seam_score(result[0], tiles)
-    assert abs(score - 1) < 0.1, score
+    assert abs(score - 1) < 0.25, score
 
 
-def test_overlaps_agree(pipeline, photo):
+def test_overlaps_agree(trained_pipeline, photo):
     """Two tilings of one canvas share its noise and blend the same predictions: nearly the same image, far closer
-    than two seeds are (per-tile noise, or tiles that don't blend, would make them as different as two seeds)."""
-    pipe, make_args = pipeline
+    than two seeds are. Measured: 0.21 of the seeds' difference; 0.93 with the noise drawn per tiling, 0.36 with the
+    tiles pasted unblended."""
+    pipe, make_args = trained_pipeline
     image = Image.open(photo)
     a, _ = up.generate(pipe, image, make_args("--tile_overlap", "32"))
     b, _ = up.generate(pipe, image, make_args("--tile_overlap", "48"))
@@ -201,15 +242,24 @@ def test_color_fix_brings_back_the_input_colours(pipeline, photo):
         scores[method] = tc.psnr(tc.tensor_to_image(reduced), image)
     assert scores["adain"] > scores["none"] + 1, scores
     assert scores["wavelet"] > scores["none"] + 3, scores
+    assert scores["backprojection"] > 30, scores  # 5 steps from ~8 dB; the reduction it inverts is the trainer's
 
 
-def test_wavelet_decomposition_is_exact_and_splits_frequencies():
-    image = torch.rand(1, 3, 40, 30, generator=torch.Generator().manual_seed(0))
+def test_color_fix_functions():
+    generator = torch.Generator().manual_seed(0)
+    image, reference = torch.rand(2, 1, 3, 40, 30, generator=generator)
+    reference = reference * 0.3 + 0.1  # darker and flatter than the image
     high, low = up.wavelet_decomposition(image)
     assert torch.allclose(high + low, image, atol=1e-6)
-    assert low.diff(dim=-1).abs().mean() < 0.1 * image.diff(dim=-1).abs().mean()
-    flat = torch.full((1, 3, 20, 20), 0.3)
-    assert torch.allclose(up.wavelet_color_fix(torch.rand(1, 3, 20, 20), flat).mean(), flat.mean(), atol=0.02)
+    assert low.diff(dim=-1).abs().mean() < 0.1 * image.diff(dim=-1).abs().mean()  # the low band is smooth
+
+    def distance(a, b):  # of the low bands
+        return (up.wavelet_decomposition(a)[1] - up.wavelet_decomposition(b)[1]).abs().mean()
+
+    assert distance(up.wavelet_color_fix(image, reference), reference) < 0.1 * distance(image, reference)
+    fixed = up.adain_color_fix(image, reference)
+    assert torch.allclose(fixed.mean((-2, -1)), reference.mean((-2, -1)), atol=1e-5)
+    assert torch.allclose(fixed.std((-2, -1)), reference.std((-2, -1)), atol=1e-4)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -233,6 +283,8 @@ BAD_INPUTS = {
     "output format": (lambda d, t, c: {"--output": t / "out.unknown"}, "needs an image extension"),
     "unknown controlnet": (lambda d, t, c: {"--controlnet_model_name_or_path": t / "nothing"}, "no such folder"),
     "not a controlnet folder": (lambda d, t, c: {"--controlnet_model_name_or_path": t}, "no ControlNet"),
+    "hub id, offline": (lambda d, t, c: {"--controlnet_model_name_or_path": "someone/no-such-tile"},
+                        "not in the local hub cache and HF_HUB_OFFLINE is set"),
     "cross_attention_dim": (lambda d, t, c: {"--controlnet_model_name_or_path": mismatched_controlnet(
         c, t, cross_attention_dim=64)}, "cross_attention_dim is 64 in the ControlNet and 32 in the base"),
     "block channels": (lambda d, t, c: {"--controlnet_model_name_or_path": mismatched_controlnet(
@@ -253,7 +305,10 @@ def broken(tmp_path):
 
 
 @pytest.mark.parametrize("case", BAD_INPUTS)
-def test_bad_input_is_one_line(case, tiny_model, controlnet_dir, tmp_path, capsys):
+def test_bad_input_is_one_line(case, tiny_model, controlnet_dir, tmp_path, capsys, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     (tmp_path / "a_file").write_text("a file where a folder should be")
     source = write_image(tmp_path / "in.png", 37, 23)
     make_changes, message = BAD_INPUTS[case]
@@ -268,7 +323,8 @@ def test_bad_input_is_one_line(case, tiny_model, controlnet_dir, tmp_path, capsy
 
 def test_bad_input_from_the_command_line(tiny_model, controlnet_dir, tmp_path):
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "upscale.py"), *cli(tiny_model, controlnet_dir, tmp_path / "nope.png", tmp_path / "o.png")],
+        [sys.executable, str(ROOT / "upscale.py"),
+         *cli(tiny_model, controlnet_dir, tmp_path / "nope.png", tmp_path / "o.png")],
         capture_output=True, text=True, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
     assert proc.returncode != 0
