@@ -445,8 +445,8 @@ def read_model_config(name, subfolder=None, revision=None, cache_dir=None):
     local = os.path.join(name, subfolder or "", "config.json")
     if os.path.isdir(name) or name.startswith((".", "/", "~")):
         if not os.path.isfile(local):
-            return_msg = "no such folder" if not os.path.isdir(name) else f"no {os.path.join(subfolder or '', 'config.json')} in it"
-            raise ValueError(f"model not found: {name} ({return_msg})")
+            missing = f"no {os.path.join(subfolder or '', 'config.json')} in it" if os.path.isdir(name) else "no such folder"
+            raise ValueError(f"model not found: {name} ({missing})")
     else:
         try:
             validate_repo_id(name)
