@@ -23,9 +23,22 @@ trap '' USR1
 setsid "$@" &
 launcher=$!
 
+ranks() {  # the launcher's children, from /proc in plain bash (a slim container may lack procps)
+  local stat fields pid
+  for stat in /proc/[0-9]*/stat; do
+    fields=$(<"$stat") 2>/dev/null || continue
+    fields=${fields##*) }  # after the command name, which may hold spaces: state, ppid, ...
+    set -- $fields
+    pid=${stat#/proc/}
+    [ "$2" = "$launcher" ] && echo "${pid%/stat}"
+  done
+}
 stop() {
   echo "preemptible.sh: $1 received: asking the trainer to save a checkpoint and stop" >&2
-  pkill -TERM -P "$launcher"  # the launcher's children: the ranks (their dataloader workers end with them)
+  local pid
+  for pid in $(ranks); do  # their dataloader workers end with them
+    kill -TERM "$pid" 2>/dev/null
+  done
 }
 for sig in TERM INT HUP USR1; do
   trap "stop SIG$sig" "$sig"
