@@ -558,21 +558,24 @@ def square_crop(image, size, interpolation, rng=None):
     return resize(image_to_tensor(image.crop((left, top, left + side, top + side))), size, interpolation)
 
 
-def enlarge_condition(condition, size, interpolation):
-    """uint8 NCHW tile conditions at the condition resolution -> float in [0, 1] at `size` (int or (height, width)).
+def enlarge_condition(condition, size, interpolation, device=None):
+    """uint8 NCHW tile conditions at the condition resolution, on the host -> float in [0, 1] at `size` (int or
+    (height, width)), on `device` (default: where they are).
 
     The second half of the tile condition (the first is the reduction in make_tile_pair), also what makes an
-    upscaler's condition from a low-resolution image. Bilinear and bicubic run as torch's antialiased kernels on the
-    tensors' device (the training device: it spares the dataloader workers their largest resize); the other
-    filters have no torch kernel and need the tensors on the CPU (see model_inputs).
+    upscaler's condition from a low-resolution image. Bilinear and bicubic run as torch's antialiased kernels on
+    `device` (the training device: it spares the dataloader workers their largest resize, and the small uint8
+    tensors are what crosses to it); the other filters have no torch kernel and run through PIL on the host before
+    the copy, so that nothing comes back from the device (a host sync).
     """
+    device = condition.device if device is None else device
     if interpolation in TORCH_FILTERS:
-        enlarged = F.interpolate(condition.float(), size=size if isinstance(size, int) else tuple(size),
-                                 mode=interpolation, antialias=True)
+        enlarged = F.interpolate(condition.to(device, non_blocking=True).float(),
+                                 size=size if isinstance(size, int) else tuple(size), mode=interpolation, antialias=True)
         return (enlarged / 255).clamp(0, 1)
     if condition.device.type != "cpu":
         raise ValueError(f"--interpolation={interpolation} enlarges on the CPU; got a {condition.device} tensor")
-    return torch.stack([resize(c, size, interpolation) for c in condition]).float() / 255
+    return (torch.stack([resize(c, size, interpolation) for c in condition]).float() / 255).to(device, non_blocking=True)
 
 
 def to_rgb(image):
@@ -656,13 +659,9 @@ def make_tile_pair(sample, tokenizer, args, rng=None):
 def model_inputs(batch, args, device):
     """uint8 batch -> (target in [-1, 1], tile condition in [0, 1], enlarged to --resolution) on the device.
     Batches travel from the workers and to the device as uint8, the condition still small: ~1/5 of the bytes of
-    float targets and conditions. Filters without a torch kernel enlarge on the host first, so that nothing is
-    copied back from the device (a host sync)."""
+    float targets and conditions."""
     target = batch["pixel_values"].to(device, non_blocking=True).float() / 127.5 - 1
-    small = batch["conditioning_pixel_values"]
-    if args.interpolation in TORCH_FILTERS:
-        small = small.to(device, non_blocking=True)
-    return target, enlarge_condition(small, args.resolution, args.interpolation).to(device, non_blocking=True)
+    return target, enlarge_condition(batch["conditioning_pixel_values"], args.resolution, args.interpolation, device)
 
 
 def collate_fn(examples):

@@ -396,11 +396,8 @@ def make_condition(image, size, interpolation, device):
     """Low-resolution PIL image -> the tile condition at `size` (height, width): (1, 3, H, W) float in [0, 1].
 
     The trainer's enlarge_condition with the model's filter, so inference sees what training saw; the torch filters
-    run on the device, PIL's on the host (as in the trainer's model_inputs)."""
-    small = tc.image_to_tensor(image)[None]
-    if interpolation in tc.TORCH_FILTERS:
-        small = small.to(device)
-    return tc.enlarge_condition(small, size, interpolation).to(device)
+    run on the device, PIL's on the host before the copy."""
+    return tc.enlarge_condition(tc.image_to_tensor(image)[None], size, interpolation, device)
 
 
 def pad_to_multiple(tensor, multiple):
