@@ -110,6 +110,25 @@ def make_parser():
         help="PIL filter used for every resize (target and condition).",
     )
     parser.add_argument(
+        "--condition_scales",
+        type=float,
+        nargs="+",
+        default=None,
+        metavar="FACTOR",
+        help="Reduction factors of the condition, one drawn per sample (fractional ones too, e.g. 2 3 4 6 8): the"
+        " condition is the target reduced by the factor and enlarged back to --resolution. Default: --resolution /"
+        " --condition_resolution only. Validation and the held-out metrics keep --condition_resolution.",
+    )
+    parser.add_argument(
+        "--condition_degradation",
+        type=str,
+        default="none",
+        choices=sorted(DEGRADATIONS),
+        help="Degrade the condition as real low-resolution images are: 'realesrgan' (Real-ESRGAN's two-stage blur,"
+        " resize, noise and JPEG model), 'mild' (the same steps in StableSR's milder ranges) or 'none'. Runs on the"
+        " training device; needs a bilinear or bicubic --interpolation.",
+    )
+    parser.add_argument(
         "--train_shards_path_or_url",
         type=str,
         default=None,
@@ -358,6 +377,14 @@ def check_args(args, error):
         error("--resolution must be divisible by 8 (the VAE and ControlNet encoders downsample by 8)")
     if not 0 < args.condition_resolution <= args.resolution:
         error(f"--condition_resolution must be in (0, --resolution={args.resolution}]")
+    for factor in args.condition_scales or []:
+        if not factor >= 1:
+            error(f"--condition_scales: {factor:g} is below 1 (a factor reduces the image; 1 keeps it)")
+        if condition_size(args.resolution, factor) < 1:
+            error(f"--condition_scales: {factor:g} reduces --resolution={args.resolution} to less than 1 pixel")
+    if args.condition_degradation != "none" and args.interpolation not in TORCH_FILTERS:
+        error(f"--condition_degradation={args.condition_degradation} makes conditions on the training device, where"
+              f" only {' and '.join(TORCH_FILTERS)} exist: use --interpolation=bicubic")
     if not 0 <= args.proportion_empty_prompts <= 1:
         error("--proportion_empty_prompts must be in the range [0, 1]")
     if args.max_train_steps is None and args.max_train_samples is None:
@@ -566,8 +593,16 @@ def enlarge_condition(condition, size, interpolation, device=None):
     upscaler's condition from a low-resolution image. Bilinear and bicubic run as torch's antialiased kernels on
     `device` (the training device: it spares the dataloader workers their largest resize, and the small uint8
     tensors are what crosses to it); the other filters have no torch kernel and run through PIL on the host before
-    the copy, so that nothing comes back from the device (a host sync).
+    the copy, so that nothing comes back from the device (a host sync). A list of CHW conditions of several sizes
+    (several --condition_scales) is enlarged size by size.
     """
+    if isinstance(condition, (list, tuple)):
+        enlarged = [None] * len(condition)
+        for shape in dict.fromkeys(c.shape for c in condition):
+            index = [i for i, c in enumerate(condition) if c.shape == shape]
+            for i, e in zip(index, enlarge_condition(torch.stack([condition[i] for i in index]), size, interpolation, device)):
+                enlarged[i] = e
+        return torch.stack(enlarged)
     device = condition.device if device is None else device
     if interpolation in TORCH_FILTERS:
         enlarged = F.interpolate(condition.to(device, non_blocking=True).float(),
@@ -576,6 +611,298 @@ def enlarge_condition(condition, size, interpolation, device=None):
     if condition.device.type != "cpu":
         raise ValueError(f"--interpolation={interpolation} enlarges on the CPU; got a {condition.device} tensor")
     return (torch.stack([resize(c, size, interpolation) for c in condition]).float() / 255).to(device, non_blocking=True)
+
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Condition recipes: the reduction factors and the degradations of a low-resolution image
+#
+# Real-ESRGAN's two-stage ("high-order") degradation model, written anew in torch (BasicSR itself imports a
+# torchvision module removed in 0.17, and the project has no torchvision). Kernel formulas and draws follow BasicSR's
+# basicsr/data/degradations.py and realesrgan/data/realesrgan_dataset.py; the order of the steps and the draws made
+# once per batch follow realesrgan/models/realesrgan_model.py's feed_data; the ranges are those of
+# options/train_realesrnet_x4plus.yml and, for "mild", StableSR's configs/stableSRNew/v2-finetune_text_T_512.yaml.
+# As there, the draws are made with the data (in the dataloader workers, from their seeded rng: reproducible from
+# --seed and resumed like the crops) and the steps run batched on the training device: on one CPU core they would
+# cost several times the rest of the data path (benchmarks/bench_data.py).
+
+KERNEL_SIZE = 21  # every blur kernel is zero-padded to this (Real-ESRGAN's blur_kernel_size)
+KERNEL_SIZES = range(7, KERNEL_SIZE + 1, 2)  # realesrgan_dataset.py's kernel_range
+KERNEL_SHAPES = {  # BasicSR kernel_list: kernel_prob
+    "iso": 0.45, "aniso": 0.25, "generalized_iso": 0.12, "generalized_aniso": 0.03, "plateau_iso": 0.12,
+    "plateau_aniso": 0.03,
+}
+RESIZE_MODES = ("area", "bilinear", "bicubic")  # not antialiased, as in Real-ESRGAN: real resizers alias too
+
+
+def degradation_stage(blur_sigma, betag, betap, resize_prob, resize_range, noise_sigma, poisson_scale, jpeg_quality,
+                      blur_prob=1.0, sinc_prob=0.1, gaussian_noise_prob=0.5, gray_noise_prob=0.4):
+    """The ranges of one stage: blur, resize (up/down/keep probabilities, factor range), noise, JPEG."""
+    return dict(locals())
+
+
+DEGRADATIONS = {
+    "none": None,
+    "realesrgan": {  # options/train_realesrnet_x4plus.yml
+        "stage1": degradation_stage(blur_sigma=(0.2, 3.0), betag=(0.5, 4.0), betap=(1.0, 2.0),
+                                    resize_prob=(0.2, 0.7, 0.1), resize_range=(0.15, 1.5), noise_sigma=(1, 30),
+                                    poisson_scale=(0.05, 3.0), jpeg_quality=(30, 95)),
+        "stage2": degradation_stage(blur_prob=0.8, blur_sigma=(0.2, 1.5), betag=(0.5, 4.0), betap=(1.0, 2.0),
+                                    resize_prob=(0.3, 0.4, 0.3), resize_range=(0.3, 1.2), noise_sigma=(1, 25),
+                                    poisson_scale=(0.05, 2.5), jpeg_quality=(30, 95)),
+        "final_sinc_prob": 0.8,
+    },
+    "mild": {  # StableSR's v2-finetune_text_T_512.yaml (PASD's params_realesrgan.yml: the same but for the blur)
+        "stage1": degradation_stage(blur_sigma=(0.2, 1.5), betag=(0.5, 2.0), betap=(1.0, 1.5),
+                                    resize_prob=(0.2, 0.7, 0.1), resize_range=(0.3, 1.5), noise_sigma=(1, 15),
+                                    poisson_scale=(0.05, 2.0), jpeg_quality=(60, 95)),
+        "stage2": degradation_stage(blur_prob=0.5, blur_sigma=(0.2, 1.0), betag=(0.5, 2.0), betap=(1.0, 1.5),
+                                    resize_prob=(0.3, 0.4, 0.3), resize_range=(0.6, 1.2), noise_sigma=(1, 12),
+                                    poisson_scale=(0.05, 1.0), jpeg_quality=(60, 100)),
+        "final_sinc_prob": 0.8,
+    },
+}
+
+
+def condition_size(resolution, factor):
+    """Side of the low-resolution image that a reduction by `factor` leaves of a `resolution` square."""
+    return round(resolution / factor)
+
+
+def draw_condition_scale(args, rng=None):
+    """The reduction factor of one sample: one of --condition_scales (drawn only when there are several, so that a
+    single factor leaves the data stream exactly as it was), or the clean recipe's without `rng` (held-out data)."""
+    if rng is None or not args.condition_scales:
+        return args.resolution / args.condition_resolution
+    if len(args.condition_scales) == 1:
+        return args.condition_scales[0]
+    return rng.choice(args.condition_scales)
+
+
+def kernel_distances(size, sigma_x, sigma_y, angle):
+    """x^T Sigma^-1 x on a size x size grid centred on 0, Sigma = R diag(sigma_x^2, sigma_y^2) R^T (rotation by
+    `angle`): the squared Mahalanobis distance every Gaussian-like kernel is a function of."""
+    axis = torch.arange(size, dtype=torch.float64) - size // 2
+    grid = torch.stack(torch.meshgrid(axis, axis, indexing="xy"), dim=-1)
+    rotation = torch.tensor([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]], dtype=torch.float64)
+    sigma = rotation @ torch.diag(torch.tensor([sigma_x**2, sigma_y**2], dtype=torch.float64)) @ rotation.T
+    return torch.einsum("...i,ij,...j->...", grid, torch.linalg.inv(sigma), grid)
+
+
+def blur_kernel(shape, size, sigma_x, sigma_y, angle, beta=1.0):
+    """Gaussian (beta 1), generalised Gaussian (its exponent raised to beta: flatter or peakier) or plateau kernel."""
+    distance = kernel_distances(size, sigma_x, sigma_y, angle)
+    kernel = 1 / (distance**beta + 1) if shape.startswith("plateau") else torch.exp(-0.5 * distance**beta)
+    return (kernel / kernel.sum()).float()
+
+
+def sinc_kernel(size, cutoff):
+    """Circular low-pass filter (2-D sinc) passing frequencies below `cutoff` radians per pixel: the ringing and
+    overshoot of sharp resizers and of over-sharpened images."""
+    axis = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
+    radius = torch.hypot(*torch.meshgrid(axis, axis, indexing="xy"))
+    kernel = cutoff * torch.special.bessel_j1(cutoff * radius) / (2 * math.pi * radius)
+    kernel[radius == 0] = cutoff**2 / (4 * math.pi)
+    return (kernel / kernel.sum()).float()
+
+
+def pad_kernel(kernel):
+    pad = (KERNEL_SIZE - kernel.shape[-1]) // 2
+    return F.pad(kernel, (pad, pad, pad, pad))
+
+
+PULSE = pad_kernel(torch.ones(1, 1))  # the identity kernel: a blur that was not drawn
+
+
+def draw_blur_kernel(stage, rng):
+    """One kernel of a stage, padded to KERNEL_SIZE: a sinc with p sinc_prob, else one of KERNEL_SHAPES, sigmas in
+    blur_sigma (drawn apart for anisotropic shapes, at any angle), the generalised/plateau beta below or above 1 with
+    p 0.5 (random_bivariate_* in BasicSR)."""
+    size = rng.choice(KERNEL_SIZES)
+    if rng.random() < stage["sinc_prob"]:
+        return pad_kernel(sinc_kernel(size, rng.uniform(math.pi / 3 if size < 13 else math.pi / 5, math.pi)))
+    shape = rng.choices(list(KERNEL_SHAPES), weights=list(KERNEL_SHAPES.values()))[0]
+    sigma_x = rng.uniform(*stage["blur_sigma"])
+    sigma_y, angle = (rng.uniform(*stage["blur_sigma"]), rng.uniform(-math.pi, math.pi)) if "aniso" in shape else (sigma_x, 0.0)
+    beta = 1.0
+    if shape.startswith(("generalized", "plateau")):
+        low, high = stage["betag"] if shape.startswith("generalized") else stage["betap"]
+        beta = rng.uniform(low, 1) if rng.random() < 0.5 else rng.uniform(1, high)
+    return pad_kernel(blur_kernel(shape, size, sigma_x, sigma_y, angle, beta))
+
+
+def draw_resize(stage, rng):
+    """(factor, mode): up to resize_range[1], down to resize_range[0] or kept, with resize_prob's probabilities."""
+    direction = rng.choices(("up", "down", "keep"), weights=stage["resize_prob"])[0]
+    low, high = stage["resize_range"]
+    factor = rng.uniform(1, high) if direction == "up" else rng.uniform(low, 1) if direction == "down" else 1.0
+    return factor, rng.choice(RESIZE_MODES)
+
+
+def draw_stage(stage, n, rng):
+    """A stage's draws for n images: per image its kernel, noise strength, grey flag and JPEG quality (as the
+    dataset draws them); for the batch the resize and whether the noise is Gaussian or Poisson (as feed_data)."""
+    gaussian = rng.random() < stage["gaussian_noise_prob"]
+    strength = stage["noise_sigma"] if gaussian else stage["poisson_scale"]
+    return {
+        "kernel": torch.stack([draw_blur_kernel(stage, rng) if rng.random() < stage["blur_prob"] else PULSE
+                               for _ in range(n)]),
+        "resize": draw_resize(stage, rng),
+        "noise": "gaussian" if gaussian else "poisson",
+        "noise_strength": torch.tensor([rng.uniform(*strength) for _ in range(n)]),
+        "gray_noise": torch.tensor([rng.random() < stage["gray_noise_prob"] for _ in range(n)]),
+        "jpeg_quality": torch.tensor([rng.uniform(*stage["jpeg_quality"]) for _ in range(n)]),
+    }
+
+
+def draw_degradation(preset, n, rng):
+    """Every random choice of `preset` for a batch of n images, made on the host from `rng` (see degrade)."""
+    recipe = DEGRADATIONS[preset]
+    sinc = [pad_kernel(sinc_kernel(rng.choice(KERNEL_SIZES), rng.uniform(math.pi / 3, math.pi)))
+            if rng.random() < recipe["final_sinc_prob"] else PULSE for _ in range(n)]
+    return {
+        "stage1": draw_stage(recipe["stage1"], n, rng),
+        "stage2": draw_stage(recipe["stage2"], n, rng),
+        "final_sinc": torch.stack(sinc),
+        "final_mode": rng.choice(RESIZE_MODES),
+        "sinc_before_jpeg": rng.random() < 0.5,
+    }
+
+
+def select_draws(draws, index):
+    """The draws of the images at `index` (a list): per-image tensors are indexed, per-batch choices kept."""
+    if isinstance(draws, dict):
+        return {k: select_draws(v, index) for k, v in draws.items()}
+    return draws[index] if torch.is_tensor(draws) else draws
+
+
+def blur(images, kernels):
+    """Each image of (n, c, h, w) convolved with its own kernel of (n, k, k); edges reflected (replicated where the
+    image is smaller than the kernel's reach)."""
+    n, c, h, w = images.shape
+    pad = kernels.shape[-1] // 2
+    padded = F.pad(images, (pad, pad, pad, pad), mode="reflect" if min(h, w) > pad else "replicate")
+    weight = kernels.to(images).repeat_interleave(c, dim=0)[:, None]
+    return F.conv2d(padded.reshape(1, n * c, h + 2 * pad, w + 2 * pad), weight, groups=n * c).view(n, c, h, w)
+
+
+def gaussian_noise(images, sigma, gray, generator):
+    """Additive Gaussian noise of `sigma` (of 255) per image, the same in every channel where `gray`."""
+    noise = torch.randn(images.shape, generator=generator, device=images.device, dtype=images.dtype)
+    noise = torch.where(gray.to(images.device)[:, None, None, None], noise[:, :1], noise)
+    return images + noise * (sigma.to(images) / 255)[:, None, None, None]
+
+
+def poisson_noise(images, scale, gray, generator):
+    """Shot noise of an 8-bit sensor (its 256 levels as photon counts, as BasicSR's generate_poisson_noise_pt finds
+    for any photograph), times `scale` per image; from the luma, in every channel alike, where `gray`."""
+    levels = 256
+    source = torch.where(gray.to(images.device)[:, None, None, None], rgb_to_luma(images), images)
+    source = (source * 255).round().clamp(0, 255) / 255
+    noise = torch.poisson(source * levels, generator=generator) / levels - source
+    return images + noise * scale.to(images)[:, None, None, None]
+
+
+def rgb_to_luma(images):
+    """(n, 3, h, w) -> (n, 3, h, w) of the ITU-R 601 luma, the grey of JPEG and of torchvision's rgb_to_grayscale."""
+    weights = torch.tensor([0.299, 0.587, 0.114], device=images.device, dtype=images.dtype)
+    return (images * weights[:, None, None]).sum(1, keepdim=True).expand_as(images)
+
+
+# JPEG's standard quantisation tables (ITU-T T.81 Annex K), scaled by quality as libjpeg scales them
+JPEG_LUMA = torch.tensor([
+    [16, 11, 10, 16, 24, 40, 51, 61], [12, 12, 14, 19, 26, 58, 60, 55], [14, 13, 16, 24, 40, 57, 69, 56],
+    [14, 17, 22, 29, 51, 87, 80, 62], [18, 22, 37, 56, 68, 109, 103, 77], [24, 35, 55, 64, 81, 104, 113, 92],
+    [49, 64, 78, 87, 103, 121, 120, 101], [72, 92, 95, 98, 112, 100, 103, 99]], dtype=torch.float32)
+JPEG_CHROMA = torch.full((8, 8), 99.0)
+JPEG_CHROMA[:4, :4] = torch.tensor([[17, 18, 24, 47], [18, 21, 26, 66], [24, 26, 56, 99], [47, 66, 99, 99]])
+DCT = torch.tensor([[math.sqrt((1 if k == 0 else 2) / 8) * math.cos((2 * i + 1) * k * math.pi / 16) for i in range(8)]
+                    for k in range(8)])
+YCBCR = torch.tensor([[0.299, 0.587, 0.114], [-0.168736, -0.331264, 0.5], [0.5, -0.418688, -0.081312]])
+
+
+def jpeg_tables(quality):
+    """(n,) qualities in [1, 100] -> (n, 2, 8, 8) luma and chroma quantisation steps (libjpeg's quality scaling)."""
+    quality = quality.round().clamp(1, 100)
+    scale = torch.where(quality < 50, torch.floor(5000 / quality), 200 - 2 * quality)[:, None, None, None]
+    base = torch.stack([JPEG_LUMA, JPEG_CHROMA]).to(quality.device)
+    return torch.floor((base * scale + 50) / 100).clamp(1, 255)
+
+
+def quantise_blocks(planes, steps):
+    """(n, c, h, w) planes (sides multiples of 8) -> the same after the 8x8 DCT, rounding to multiples of
+    `steps` (n, 8, 8) and the inverse DCT: what JPEG keeps of them."""
+    n, c, h, w = planes.shape
+    dct = DCT.to(planes)
+    blocks = planes.view(n, c, h // 8, 8, w // 8, 8).transpose(3, 4)
+    steps = steps[:, None, None, None]
+    coefficients = torch.round(dct @ blocks @ dct.T / steps) * steps
+    return (dct.T @ coefficients @ dct).transpose(3, 4).reshape(n, c, h, w)
+
+
+def jpeg(images, quality):
+    """JPEG compression and decompression of (n, 3, h, w) in [0, 1] at a quality per image, in torch so that it
+    runs batched on the training device: baseline JPEG as libjpeg writes it (YCbCr, 4:2:0 chroma, 8x8 DCT, the
+    standard tables scaled by quality) and, as Real-ESRGAN's DiffJPEG, chroma repeated back to full size."""
+    n, _, h, w = images.shape
+    padded = F.pad(images * 255, (0, -w % 16, 0, -h % 16), mode="replicate")  # libjpeg repeats the edge too
+    ycbcr = torch.einsum("ij,njhw->nihw", YCBCR.to(images), padded)  # chroma centred on 0, as JPEG codes it
+    tables = jpeg_tables(quality.to(images.device, torch.float32)).to(images)
+    luma = quantise_blocks(ycbcr[:, :1] - 128, tables[:, 0]) + 128
+    chroma = quantise_blocks(F.avg_pool2d(ycbcr[:, 1:], 2), tables[:, 1])
+    ycbcr = torch.cat([luma, chroma.repeat_interleave(2, -2).repeat_interleave(2, -1)], dim=1)
+    rgb = torch.einsum("ij,njhw->nihw", torch.linalg.inv(YCBCR).to(images), ycbcr)
+    return (rgb[..., :h, :w] / 255).clamp(0, 1)
+
+
+def resize_by(images, size, mode):
+    return F.interpolate(images, size=size, mode=mode)
+
+
+def blur_resize_noise(images, stage, size, generator):
+    """Blur, resize to `size`, noise: the first three steps of a stage (its JPEG comes after)."""
+    images = resize_by(blur(images, stage["kernel"]), size, stage["resize"][1])
+    add_noise = gaussian_noise if stage["noise"] == "gaussian" else poisson_noise
+    return add_noise(images, stage["noise_strength"], stage["gray_noise"], generator).clamp(0, 1)
+
+
+def degrade(images, size, draws, generator=None):
+    """Real-ESRGAN's two-stage degradation of (n, 3, H, W) float images in [0, 1] down to `size` (int or (height,
+    width)), with the choices in `draws` (draw_degradation): -> (n, 3, *size) uint8, on the images' device.
+
+    Stage 1 at the images' size: blur, resize by the drawn factor, noise, JPEG. Stage 2 towards the final size:
+    blur, resize to the drawn factor of the final size, noise. Then, in random order, the final resize followed by a
+    sinc filter, and JPEG. An 8-bit image at the end, as every real low-resolution input is. The noise comes from
+    `generator`, by default the device's global generator (in training: seeded by --seed and saved with every
+    checkpoint, like the training noise).
+    """
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    first, second = draws["stage1"], draws["stage2"]
+    x = blur_resize_noise(images, first, scaled(images.shape[-2:], first["resize"][0]), generator)
+    x = jpeg(x, first["jpeg_quality"])
+    x = blur_resize_noise(x, second, scaled(size, second["resize"][0]), generator)
+    if draws["sinc_before_jpeg"]:
+        x = jpeg(blur(resize_by(x, size, draws["final_mode"]), draws["final_sinc"]).clamp(0, 1), second["jpeg_quality"])
+    else:
+        x = blur(resize_by(jpeg(x, second["jpeg_quality"]), size, draws["final_mode"]), draws["final_sinc"])
+    return (x * 255).round().clamp(0, 255).to(torch.uint8)
+
+
+def scaled(size, factor):
+    return tuple(max(1, round(side * factor)) for side in size)
+
+
+def degraded_conditions(targets, factors, draws, resolution, generator=None):
+    """uint8 targets on the training device -> their degraded low-resolution images (a list: the sizes differ with
+    the factor), one batched degrade per factor."""
+    conditions = [None] * len(factors)
+    for factor in sorted(set(factors)):
+        index = [i for i, f in enumerate(factors) if f == factor]
+        small = degrade(targets[index].float() / 255, condition_size(resolution, factor), select_draws(draws, index),
+                        generator)
+        for i, condition in zip(index, small):
+            conditions[i] = condition
+    return conditions
 
 
 def to_rgb(image):
@@ -628,7 +955,9 @@ def decode_image(data, meta, args):
 def make_tile_pair(sample, tokenizer, args, rng=None):
     """One raw webdataset sample -> uint8 target and condition (see model_inputs) and caption token ids.
 
-    `rng` draws the crop and the caption drop; without it the crop is centred and the caption kept (held-out data).
+    `rng` draws the crop, the caption drop and the reduction factor; without it the crop is centred, the caption
+    kept and the condition made by the clean recipe (held-out data). With a --condition_degradation the condition is
+    made later, on the training device (model_inputs), and is None here.
     """
     image_key = next((k for k in IMAGE_KEYS if k in sample), None)
     if image_key is None:
@@ -642,13 +971,17 @@ def make_tile_pair(sample, tokenizer, args, rng=None):
     if rng is not None and rng.random() < args.proportion_empty_prompts:
         caption = ""
     target = square_crop(decode_image(sample[image_key], meta, args), args.resolution, args.interpolation, rng=rng)
-    condition = resize(target, args.condition_resolution, args.interpolation)  # enlarged in model_inputs
+    factor = draw_condition_scale(args, rng)
+    condition = None  # enlarged in model_inputs, where a degraded one is made
+    if rng is None or args.condition_degradation == "none":
+        condition = resize(target, condition_size(args.resolution, factor), args.interpolation)
     input_ids = tokenizer(
         caption, max_length=tokenizer.model_max_length, padding="max_length", truncation=True, return_tensors="pt"
     ).input_ids[0]
     return {
         "pixel_values": target,
         "conditioning_pixel_values": condition,
+        "condition_scale": factor,
         "input_ids": input_ids,
         "key": sample["__key__"],
         "url": sample.get("__url__"),
@@ -659,16 +992,23 @@ def make_tile_pair(sample, tokenizer, args, rng=None):
 def model_inputs(batch, args, device):
     """uint8 batch -> (target in [-1, 1], tile condition in [0, 1], enlarged to --resolution) on the device.
     Batches travel from the workers and to the device as uint8, the condition still small: ~1/5 of the bytes of
-    float targets and conditions."""
-    target = batch["pixel_values"].to(device, non_blocking=True).float() / 127.5 - 1
-    return target, enlarge_condition(batch["conditioning_pixel_values"], args.resolution, args.interpolation, device)
+    float targets and conditions. Degraded conditions are made here, from the targets on the device."""
+    target = batch["pixel_values"].to(device, non_blocking=True)
+    conditions = batch["conditioning_pixel_values"]
+    if batch.get("degradation") is not None:
+        conditions = degraded_conditions(target, batch["condition_scales"], batch["degradation"], args.resolution)
+    return target.float() / 127.5 - 1, enlarge_condition(conditions, args.resolution, args.interpolation, device)
 
 
 def collate_fn(examples):
     rank, _, worker, num_workers = wds.utils.pytorch_worker_info()
+    conditions = [e["conditioning_pixel_values"] for e in examples]
+    if all(c is not None and c.shape == conditions[0].shape for c in conditions):
+        conditions = torch.stack(conditions)  # else a list of several sizes, or of None (made on the device)
     return {
         "pixel_values": torch.stack([e["pixel_values"] for e in examples]),
-        "conditioning_pixel_values": torch.stack([e["conditioning_pixel_values"] for e in examples]),
+        "conditioning_pixel_values": conditions,
+        "condition_scales": [e["condition_scale"] for e in examples],
         "input_ids": torch.stack([e["input_ids"] for e in examples]),
         "keys": [e["key"] for e in examples],
         "urls": [e["url"] for e in examples],
@@ -786,6 +1126,13 @@ def batches_of(samples, size):
             batch = []
 
 
+def with_degradation_draws(batches, preset, rng):
+    """Each batch with its --condition_degradation draws (None for 'none'): the worker draws, the device degrades."""
+    for batch in batches:
+        batch["degradation"] = None if preset == "none" else draw_degradation(preset, len(batch["keys"]), rng)
+        yield batch
+
+
 def make_train_dataloader(args, tokenizer, holdout=frozenset(), start_positions=None):
     """open_clip-style pipeline: this consumer's shuffled raw samples -> tile pairs -> batches."""
     urls = wds.shardlists.expand_urls(args.train_shards_path_or_url)
@@ -795,6 +1142,7 @@ def make_train_dataloader(args, tokenizer, holdout=frozenset(), start_positions=
         partial(consumer_samples, urls, seed, frozenset(holdout), start_positions, args.resampled_shards),
         wds.map(partial(make_tile_pair, tokenizer=tokenizer, args=args, rng=random), handler=count_skip),
         partial(batches_of, size=args.train_batch_size),
+        partial(with_degradation_draws, preset=args.condition_degradation, rng=random),
     )
     return torch.utils.data.DataLoader(
         pipeline,
@@ -919,29 +1267,39 @@ def controlnet_loss(vae, unet, controlnet, noise_scheduler, pixel_values, condit
 HOLDOUT_REPEATS = 4  # noise draws per held-out sample, at timesteps spread over the whole schedule
 
 
-def condition_use(models, noise_scheduler, holdout, args, weight_dtype, device, seed):
-    """Held-out denoising loss with the true conditions and with conditions rolled across the batch.
+def holdout_losses(models, noise_scheduler, holdout, conditions, weight_dtype, device, seed):
+    """{name: held-out denoising loss with conditions[name]}, every one with the same latents, noise and timesteps.
 
-    Same latents, noise and timesteps for both, so their gap measures how much the prediction uses the condition:
-    ~0 while the ControlNet ignores it, growing once it follows it.
+    So the gap between the losses with the true conditions and with conditions rolled across the batch measures
+    how much the prediction uses the condition: ~0 while the ControlNet ignores it, growing once it follows it.
     """
     vae, text_encoder, unet, controlnet = models
     n = holdout["pixel_values"].shape[0]
-    pixel_values, conditions = model_inputs(holdout, args, device)
-    pixel_values = pixel_values.repeat(HOLDOUT_REPEATS, 1, 1, 1)
+    pixel_values = (holdout["pixel_values"].to(device).float() / 127.5 - 1).repeat(HOLDOUT_REPEATS, 1, 1, 1)
     with torch.no_grad():
         prompt_states = text_encoder(holdout["input_ids"].to(device), return_dict=False)[0].repeat(HOLDOUT_REPEATS, 1, 1)
     timesteps = torch.linspace(0, noise_scheduler.config.num_train_timesteps - 1, n * HOLDOUT_REPEATS, device=device)
     timesteps = timesteps.long()[torch.randperm(n * HOLDOUT_REPEATS, generator=torch.Generator().manual_seed(seed)).to(device)]
     losses = {}
-    for name, conds in (("true", conditions), ("rolled", conditions.roll(1, dims=0))):
+    for name, conds in conditions.items():
         generator = torch.Generator(device=device).manual_seed(seed)
         with torch.no_grad():
             losses[name] = controlnet_loss(
                 vae, unet, controlnet, noise_scheduler, pixel_values,
                 conds.repeat(HOLDOUT_REPEATS, 1, 1, 1), prompt_states, weight_dtype, timesteps, generator,
             ).mean().item()
-    return losses["true"], losses["rolled"]
+    return losses
+
+
+def holdout_variants(targets, args):
+    """Degraded held-out conditions that no recipe trains on exactly, scored beside the clean ones so that a run's
+    robustness to real inputs can be watched: {name: (reduction factor, uint8 low-resolution images)}."""
+    factor = args.resolution / args.condition_resolution
+    area = lambda f: torch.stack([resize(t, condition_size(args.resolution, f), "box") for t in targets])
+    return {
+        "jpeg30": (factor, jpeg(area(factor).float() / 255, torch.full((len(targets),), 30.0)).mul(255).round().byte()),
+        "x8": (8.0, area(8.0)),
+    }
 
 
 def log_images(accelerator, tag, images, step):
@@ -1018,38 +1376,54 @@ def log_validation(vae, text_encoder, tokenizer, unet, controlnet, noise_schedul
         image_grid([[log["validation_image"]] + log["images"] for log in image_logs]).save(grid_dir / name)
 
     if holdout is not None:
-        loss_true, loss_rolled = condition_use(
-            (vae, text_encoder, unet, controlnet), noise_scheduler, holdout, args, weight_dtype, accelerator.device, seed
-        )
-        _, enlarged = model_inputs(holdout, args, accelerator.device)
-        conditions = [tensor_to_image(c) for c in enlarged]
+        device = accelerator.device
+        _, clean = model_inputs(holdout, args, device)
+        variants = holdout_variants(holdout["pixel_values"], args)
+        conditions = {"clean": clean, **{name: enlarge_condition(small, args.resolution, args.interpolation, device)
+                                         for name, (_, small) in variants.items()}}
+        losses = holdout_losses((vae, text_encoder, unet, controlnet), noise_scheduler, holdout,
+                                {"rolled": clean.roll(1, dims=0), **conditions}, weight_dtype, device, seed)
         targets = [tensor_to_image(t) for t in holdout["pixel_values"]]
-        generator = torch.Generator(device=accelerator.device).manual_seed(seed)
-        with torch.no_grad():
-            outputs = generate(holdout["captions"], conditions, generator=generator).images
-        # Fidelity to the condition: the output reduced to the condition resolution by the same resize that made
-        # the held-out conditions, against those conditions; against another sample's condition is the control.
-        small_out = [tensor_to_image(resize(image_to_tensor(im), args.condition_resolution, args.interpolation))
-                     for im in outputs]
-        small_target = [tensor_to_image(c) for c in holdout["conditioning_pixel_values"]]
-        rolled_target = small_target[-1:] + small_target[:-1]
+
+        def condition_psnr(outputs, factor, references=None):
+            """Fidelity to the condition: the outputs reduced as the clean conditions were made, against the clean
+            reductions of their targets (or `references`)."""
+            size = condition_size(args.resolution, factor)
+            small = [resize(image_to_tensor(im), size, args.interpolation) for im in outputs]
+            references = references or [resize(t, size, args.interpolation) for t in holdout["pixel_values"]]
+            return float(np.mean([psnr(tensor_to_image(o), tensor_to_image(r)) for o, r in zip(small, references)]))
+
         metrics = {
-            "holdout/loss": loss_true,
-            "holdout/loss_rolled_condition": loss_rolled,
-            "holdout/condition_gap": loss_rolled - loss_true,
-            "holdout/condition_psnr": float(np.mean([psnr(o, t) for o, t in zip(small_out, small_target)])),
-            "holdout/condition_psnr_rolled": float(np.mean([psnr(o, t) for o, t in zip(small_out, rolled_target)])),
+            "holdout/loss": losses["clean"],
+            "holdout/loss_rolled_condition": losses["rolled"],
+            "holdout/condition_gap": losses["rolled"] - losses["clean"],
         }
+        factors = {"clean": args.resolution / args.condition_resolution, **{k: f for k, (f, _) in variants.items()}}
+        for variant, enlarged in conditions.items():
+            images = [tensor_to_image(c) for c in enlarged]
+            generator = torch.Generator(device=device).manual_seed(seed)
+            with torch.no_grad():
+                outputs = generate(holdout["captions"], images, generator=generator).images
+            if variant == "clean":  # against another sample's condition: the control
+                small_target = list(holdout["conditioning_pixel_values"])
+                metrics["holdout/condition_psnr"] = condition_psnr(outputs, factors[variant], small_target)
+                metrics["holdout/condition_psnr_rolled"] = condition_psnr(outputs, factors[variant], small_target[-1:] + small_target[:-1])
+            else:  # inputs degraded as no recipe trains on them exactly: does the model keep (or restore) the content?
+                metrics[f"holdout/{variant}/loss"] = losses[variant]
+                metrics[f"holdout/{variant}/condition_psnr"] = condition_psnr(outputs, factors[variant])
+            tag = "" if variant == "clean" else f"{variant}-"
+            grid = image_grid([list(row) for row in zip(images, outputs, targets)])
+            grid.save(grid_dir / f"holdout-{tag}{name}")
+            log_images(accelerator, f"{prefix}/holdout{' ' + variant if tag else ''}: condition | output | ground truth",
+                       [(grid, "held-out samples")], step)
         log_metrics(accelerator, metrics, step, args.output_dir)
         logger.info(
-            f"held-out at step {step}: loss {loss_true:.4f}, with rolled conditions {loss_rolled:.4f},"
-            f" condition-use gap {metrics['holdout/condition_gap']:+.4f}; condition PSNR"
-            f" {metrics['holdout/condition_psnr']:.2f} dB (rolled control {metrics['holdout/condition_psnr_rolled']:.2f} dB)"
+            f"held-out at step {step}: loss {metrics['holdout/loss']:.4f}, with rolled conditions"
+            f" {metrics['holdout/loss_rolled_condition']:.4f}, condition-use gap {metrics['holdout/condition_gap']:+.4f};"
+            f" condition PSNR {metrics['holdout/condition_psnr']:.2f} dB (rolled control"
+            f" {metrics['holdout/condition_psnr_rolled']:.2f} dB); degraded inputs: "
+            + ", ".join(f"{v} {metrics[f'holdout/{v}/condition_psnr']:.2f} dB" for v in variants)
         )
-        rows = [list(row) for row in zip(conditions, outputs, targets)]
-        grid = image_grid(rows)
-        grid.save(grid_dir / f"holdout-{name}")
-        log_images(accelerator, f"{prefix}/holdout: condition | output | ground truth", [(grid, "held-out samples")], step)
 
     del pipeline, controlnet
     gc.collect()
@@ -1065,6 +1439,8 @@ def tile_config(args):
         "condition_resolution": args.condition_resolution,
         "scale": args.resolution / args.condition_resolution,
         "interpolation": args.interpolation,
+        "condition_scales": args.condition_scales or [args.resolution / args.condition_resolution],
+        "condition_degradation": args.condition_degradation,
     }
 
 
@@ -1692,7 +2068,8 @@ def main(args):
 
     if accelerator.is_main_process:
         # Trackers get every setting but secrets; tensorboard cannot store lists.
-        tracker_config = {k: v for k, v in vars(args).items() if k not in ("hub_token", "validation_prompt", "validation_image")}
+        tracker_config = {k: " ".join(map(str, v)) if isinstance(v, list) else v for k, v in vars(args).items()
+                          if k not in ("hub_token", "validation_prompt", "validation_image")}
         accelerator.init_trackers(args.tracker_project_name, config=tracker_config)
 
     global_step, data_positions = 0, None

@@ -178,7 +178,7 @@ def check_args(args):
                        " sharper or blurrier than any it saw")
     if args.color_fix is None:
         # Back-projection would put back the noise and artefacts that a model trained on degraded inputs removes.
-        args.color_fix = "wavelet" if args.tile_config.get("condition_degradation") else "backprojection"
+        args.color_fix = "wavelet" if args.tile_config.get("condition_degradation", "none") != "none" else "backprojection"
     if args.tile_size is None:
         args.tile_size = int(args.tile_config["resolution"])
     if args.tile_overlap is None:

@@ -1,13 +1,17 @@
 """Data-path throughput per worker core (one process, one thread), three pipelines side by side in one run.
 
     python benchmarks/bench_data.py [--num_images 200] [--resolution 256] [--condition_resolution 64]
+        [--condition_scales 2 3 4 6 8] [--condition_degradation realesrgan]
 
-(a) project: train_controlnet.read_shard -> make_tile_pair -> collate_fn (batches of 32)
+(a) project: train_controlnet.read_shard -> make_tile_pair -> collate_fn -> the degradation draws (batches of 32):
+    what a dataloader worker does
 (b) seed reference: full JPEG decode, RGB, short side -> R (bicubic), random R x R crop, down to C and back up to R,
     float tensors (target in [-1, 1]), the same tokenization, torch.stack batches of 32
 (c) limit: reading the tar + full JPEG decode to RGB, nothing else
 
 Prints img/s for each (best of --passes alternating passes after a warm-up pass), then `data_vs_seed` and `data_vs_limit`.
+With a --condition_degradation, the degradation itself runs on the training device (train_controlnet.model_inputs),
+not in the workers; it is timed apart, on this CPU, as `device_side_ms_per_img` (on a GPU: benchmarks/bench_gpu.py).
 Shards are LAION-like: JPEGs (q90) of random crops/rescales of scikit-image's photos, short side 300..975 px
 (long side up to ~1300), with .txt captions and img2dataset .json metadata.
 """
@@ -39,17 +43,30 @@ from make_tiny_pipeline import save_pipeline  # noqa: E402
 BATCH = 32
 
 
-def project_pass(urls, tokenizer, args):
-    rng, batch, n = random.Random(0), [], 0
+def project_batches(urls, tokenizer, args):
+    rng, batch = random.Random(0), []
     for url in urls:
         for sample in tc.read_shard(url):
             batch.append(tc.make_tile_pair(sample, tokenizer, args, rng=rng))
             if len(batch) == BATCH:
-                tc.collate_fn(batch)
-                n, batch = n + len(batch), []
+                yield from tc.with_degradation_draws([tc.collate_fn(batch)], args.condition_degradation, rng)
+                batch = []
     if batch:
-        tc.collate_fn(batch)
-    return n + len(batch)
+        yield from tc.with_degradation_draws([tc.collate_fn(batch)], args.condition_degradation, rng)
+
+
+def project_pass(urls, tokenizer, args):
+    return sum(len(batch["keys"]) for batch in project_batches(urls, tokenizer, args))
+
+
+def device_side_ms_per_img(urls, tokenizer, args):
+    """The training device's share of the data path (model_inputs: degradation and enlargement), here on the CPU."""
+    batches = list(project_batches(urls, tokenizer, args))
+    tc.model_inputs(batches[0], args, torch.device("cpu"))
+    start = time.perf_counter()
+    for batch in batches:
+        tc.model_inputs(batch, args, torch.device("cpu"))
+    return (time.perf_counter() - start) * 1000 / sum(len(b["keys"]) for b in batches)
 
 
 def to_tensor(image):
@@ -108,6 +125,8 @@ def main():
     p.add_argument("--num_images", type=int, default=200)
     p.add_argument("--resolution", type=int, default=256)
     p.add_argument("--condition_resolution", type=int, default=64)
+    p.add_argument("--condition_scales", type=float, nargs="+", default=None)
+    p.add_argument("--condition_degradation", default="none", choices=sorted(tc.DEGRADATIONS))
     p.add_argument("--passes", type=int, default=5)
     p.add_argument("--only", choices=["project", "seed", "limit"], default=None, help="time one pipeline (profiling)")
     cli = p.parse_args()
@@ -125,14 +144,17 @@ def main():
 
         save_pipeline(os.path.join(tmp, "tiny"))
         args = tc.make_parser().parse_args(["--train_shards_path_or_url=pipe:true", "--max_train_steps=1",
-                              f"--resolution={cli.resolution}", f"--condition_resolution={cli.condition_resolution}"])
+                              f"--resolution={cli.resolution}", f"--condition_resolution={cli.condition_resolution}",
+                              f"--condition_degradation={cli.condition_degradation}"]
+                             + (["--condition_scales", *map(str, cli.condition_scales)] if cli.condition_scales else []))
         args.pretrained_model_name_or_path = os.path.join(tmp, "tiny")
         tokenizer = tc.load_tokenizer(args)
 
         fns = {"project": project_pass, "seed": seed_pass, "limit": limit_pass}
         rates = best_rates({k: f for k, f in fns.items() if cli.only in (None, k)}, urls, tokenizer, args,
                            passes=cli.passes)
-        print(f"{type(tokenizer).__name__}, {cli.resolution} px, condition {cli.condition_resolution} px, batch {BATCH},"
+        print(f"{type(tokenizer).__name__}, {cli.resolution} px, condition {cli.condition_resolution} px, factors"
+              f" {args.condition_scales or 'default'}, degradation {args.condition_degradation}, batch {BATCH},"
               f" 1 process x {torch.get_num_threads()} thread, best of {cli.passes} passes")
         labels = {"project": "(a) project make_tile_pair + collate_fn",
                   "seed": "(b) seed reference (full decode, 2 resizes)",
@@ -142,6 +164,7 @@ def main():
         if cli.only is None:
             print(f"data_vs_seed: {rates['project'] / rates['seed']:.2f}")
             print(f"data_vs_limit: {rates['project'] / rates['limit']:.2f}")
+            print(f"device_side_ms_per_img (this CPU, 1 thread): {device_side_ms_per_img(urls, tokenizer, args):.2f}")
 
 
 if __name__ == "__main__":

@@ -9,10 +9,13 @@ does with --mixed_precision=fp16 --use_8bit_adam --gradient_checkpointing: froze
 fp32 master weights under autocast, bitsandbytes AdamW8bit, gradient checkpointing in the ControlNet. The timed
 step is the trainer's (benchmarks/common.py: project_step) on fixed pinned batches, so data loading is left out.
 xformers is measured only where it imports and its kernel runs (train_controlnet.enable_xformers decides).
+Then the device's share of --condition_degradation=realesrgan at factors 2-8 (train_controlnet.model_inputs on
+batches drawn as the workers draw them), against the step: `degradation_vs_step`.
 Without CUDA it prints one line and exits 0.
 """
 
 import argparse
+import random
 import sys
 import time
 
@@ -27,6 +30,27 @@ def measure(s, batches, steps, warmup):
     torch.cuda.reset_peak_memory_stats()
     step_s = seconds_per_step(project_step, s, batches, steps)
     return len(batches[0]["pixel_values"]) / step_s, torch.cuda.max_memory_allocated() / 2**30
+
+
+def degradation_seconds(args, batch_size, resolution, repeats=10):
+    """Seconds per batch of model_inputs with realesrgan conditions at factors 2-8, on the GPU."""
+    from common import tc
+
+    args = tc.make_parser().parse_args([f"--resolution={resolution}", "--condition_degradation=realesrgan",
+                                        "--condition_scales", "2", "3", "4", "6", "8"])
+    rng = random.Random(0)
+    batches = [{"pixel_values": torch.randint(0, 256, (batch_size, 3, resolution, resolution), dtype=torch.uint8).pin_memory(),
+                "conditioning_pixel_values": [None] * batch_size,
+                "condition_scales": [tc.draw_condition_scale(args, rng) for _ in range(batch_size)],
+                "degradation": tc.draw_degradation("realesrgan", batch_size, rng)} for _ in range(4)]
+    device = torch.device("cuda")
+    tc.model_inputs(batches[0], args, device)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for i in range(repeats):
+        tc.model_inputs(batches[i % len(batches)], args, device)
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / repeats
 
 
 def main():
@@ -73,6 +97,11 @@ def main():
         print(f"{name:<9} {images_s:8.1f} images/s  peak {peak:6.2f} GiB allocated")
     if "xformers" in results:
         print(f"xformers_vs_sdpa: {results['xformers'][0] / results['sdpa'][0]:.2f}")
+    degradation_s = degradation_seconds(args, cli.batch_size, cli.resolution)
+    step_s = cli.batch_size / max(images_s for images_s, _ in results.values())
+    print(f"realesrgan conditions (factors 2-8) on the device: {degradation_s * 1000:.1f} ms per batch of"
+          f" {cli.batch_size}, step {step_s * 1000:.1f} ms")
+    print(f"degradation_vs_step: {degradation_s / step_s:.3f}")
     return 0
 
 

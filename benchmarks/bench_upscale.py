@@ -1,9 +1,10 @@
-"""Super-resolution benchmark: a trained ControlNet tile model (through upscale.py's code) against bicubic and
-lanczos enlargement, on a held-out photo, for the trainer's own reduction and for degradations it never saw.
+"""Super-resolution benchmark: trained ControlNet tile models (through upscale.py's code) against bicubic and
+lanczos enlargement, on a held-out photo, for the trainer's own reduction and for degradations they never saw.
 
-    python benchmarks/bench_upscale.py --controlnet quickstart/controlnet-tile [--base tools/tiny-sd-trained]
-        [--steps 20] [--color_fix backprojection] [--guidance_scale 1] [--tile_overlap PX] [--device cpu]
-        [--mixed_precision no] [--hr_width 256] [--figure docs/upscale-example.png]
+    python benchmarks/bench_upscale.py --controlnet quickstart/controlnet-tile [OTHER_CONTROLNET ...]
+        [--label NAME ...] [--base tools/tiny-sd-trained] [--steps 20] [--color_fix backprojection]
+        [--guidance_scale 1] [--tile_overlap PX] [--device cpu] [--mixed_precision no] [--hr_width 256]
+        [--figure docs/upscale-example.png]
 
 Held-out photo: matplotlib's sample `grace_hopper.jpg` (512x600, installed with matplotlib, a dev requirement). The
 training shards (tools/make_shards.py) and the shipped base's training crops (tools/make_tiny_pipeline.py --trained,
@@ -13,24 +14,30 @@ synthetic, binary, 25 px faces, a 102 px retina crop or the right view of the sa
 is the photo reduced by the trainer's resize to --hr_width wide (the shipped tiny base learned whole-photo views at
 64 px, not 512-px close-ups), cropped to sides divisible by 8, the largest factor.
 
-Variants (each a low-resolution input, and the clean reduction it is scored against):
-  clean      the trainer's reduction (its resize with the model's filter) by the model's trained factor
-  area       box (area-average) reduction instead
-  jpeg30     the trainer's reduction, then JPEG quality 30
-  blur1.5    Gaussian blur sigma 1.5 on the HR image, then the trainer's reduction
-  noise10    the trainer's reduction, then Gaussian noise sigma 10/255
-  x2, x8     the trainer's reduction by 2 and by 8
-Columns: PSNR and SSIM against the HR image; consistency: PSNR of the output reduced back by the variant's reduction
+Variants (each a low-resolution input, and the clean reduction it is scored against), every degradation made by the
+trainer's own condition-recipe steps (train_controlnet.jpeg, blur, gaussian_noise, degrade):
+  clean       the trainer's reduction (its resize with the model's filter) by the model's trained factor
+  area        box (area-average) reduction instead
+  jpeg30      the trainer's reduction, then JPEG quality 30
+  blur1.5     Gaussian blur sigma 1.5 on the HR image, then the trainer's reduction
+  noise10     the trainer's reduction, then Gaussian noise sigma 10/255
+  realesrgan  one fixed draw (seed 0) of the trainer's --condition_degradation=realesrgan, down to the trained factor
+  x2, x8      the trainer's reduction by 2 and by 8
+The five after clean are "the degraded variants", averaged in the summary.
+Columns: PSNR and SSIM against the HR image; consistency: PSNR of the output reduced back by the trainer's reduction
 against the clean reduction of the HR image (does it keep the content, and does it remove the degradation?); seam:
-upscale.seam_score at the tile borders the model used (the other methods scored at the same lines); seconds per
-output megapixel. The model's rows share one denoising run per variant and differ only in the colour fix;
-"bicubic + backprojection" is upscale.py's back-projection applied to the bicubic enlargement, so that what
-back-projection adds by itself (it sharpens) is not credited to the model.
+upscale.seam_score at the tile borders the model used (the other methods scored at the same lines); grid: the
+output's spectral energy at the frequencies of the reduction period over that just beside them (grid_peak; the
+ground truth's is printed with each table: a grid artifact raises it above the ground truth's); seconds per output
+megapixel. The model's rows share one denoising run per variant and differ only in the colour fix; "bicubic +
+backprojection" is upscale.py's back-projection applied to the bicubic enlargement, so that what back-projection
+adds by itself (it sharpens) is not credited to the model. With several --controlnet, a side-by-side table follows.
 """
 
 import argparse
-import io
+import math
 import os
+import random
 import sys
 import tempfile
 import time
@@ -53,7 +60,10 @@ MAX_FACTOR = 8
 
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--controlnet", required=True, help="A trained ControlNet: output_dir or checkpoint-N.")
+    parser.add_argument("--controlnet", required=True, nargs="+",
+                        help="Trained ControlNets (output_dir or checkpoint-N), scored one after the other and then"
+                        " side by side.")
+    parser.add_argument("--label", nargs="+", default=None, help="A name for each --controlnet (default: folder names).")
     parser.add_argument("--base", default=str(ROOT / "tools" / "tiny-sd-trained"), help="Its base model.")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--color_fix", default=None, choices=up.COLOR_FIXES,
@@ -65,7 +75,8 @@ def parse_args():
     parser.add_argument("--device", default=None)
     parser.add_argument("--mixed_precision", default="no", choices=["no", "fp16", "bf16"])
     parser.add_argument("--hr_width", type=int, default=256, help="Width of the HR image made from the photo.")
-    parser.add_argument("--figure", default=None, help="Write input | bicubic | ours | ground truth (clean) here.")
+    parser.add_argument("--figure", default=None,
+                        help="Write input | bicubic | ours | ground truth (clean, the first --controlnet) here.")
     return parser.parse_args()
 
 
@@ -87,37 +98,70 @@ def reduce(image, factor, interpolation):
     return tc.resize(image, (image.shape[1] // factor, image.shape[2] // factor), interpolation)
 
 
+# The degradations are the trainer's own steps (train_controlnet's condition recipes), on one image.
+
+def as_batch(image):
+    return image[None].float() / 255
+
+
+def to_uint8(image):
+    return (image[0] * 255).round().clamp(0, 255).to(torch.uint8).cpu()
+
+
 def jpeg(image, quality):
-    buffer = io.BytesIO()
-    tc.tensor_to_image(image).save(buffer, format="JPEG", quality=quality)
-    return tc.image_to_tensor(Image.open(buffer).convert("RGB"))
+    return to_uint8(tc.jpeg(as_batch(image), torch.tensor([float(quality)])))
 
 
 def gaussian_blur(image, sigma):
-    from skimage.filters import gaussian
-
-    blurred = gaussian(image.permute(1, 2, 0).numpy() / 255.0, sigma=sigma, channel_axis=-1)
-    return torch.from_numpy(np.round(blurred * 255).astype(np.uint8)).permute(2, 0, 1)
+    kernel = tc.blur_kernel("iso", 2 * math.ceil(3 * sigma) + 1, sigma, sigma, 0.0)
+    return to_uint8(tc.blur(as_batch(image), kernel[None]))
 
 
 def gaussian_noise(image, sigma, seed=0):
-    noise = torch.randn(image.shape, generator=torch.Generator().manual_seed(seed)) * sigma
-    return (image.float() + noise).round().clamp(0, 255).to(torch.uint8)
+    noisy = tc.gaussian_noise(as_batch(image), torch.tensor([float(sigma)]), torch.tensor([False]),
+                              torch.Generator().manual_seed(seed))
+    return to_uint8(noisy.clamp(0, 1))
+
+
+def realesrgan(image, factor, seed=0):
+    draws = tc.draw_degradation("realesrgan", 1, random.Random(seed))
+    return tc.degrade(as_batch(image), (image.shape[1] // factor, image.shape[2] // factor), draws,
+                      torch.Generator().manual_seed(seed))[0]
+
+
+DEGRADED = ("area", "jpeg30", "blur1.5", "noise10", "realesrgan")  # at the trained factor, averaged in the summary
 
 
 def variants(trained_factor, interpolation):
-    """(name, description, factor, reduction filter, degradation of the HR image, degradation of the reduced one)."""
+    """(name, description, factor, HR image -> low-resolution input)."""
+    f = trained_factor
     return [
-        ("clean", f"the trainer's reduction ({interpolation})", trained_factor, interpolation, None, None),
-        ("area", "area (box) reduction", trained_factor, "box", None, None),
-        ("jpeg30", "JPEG quality 30 after the reduction", trained_factor, interpolation, None, lambda x: jpeg(x, 30)),
-        ("blur1.5", "Gaussian blur sigma 1.5 before the reduction", trained_factor, interpolation,
-         lambda x: gaussian_blur(x, 1.5), None),
-        ("noise10", "Gaussian noise sigma 10/255 after the reduction", trained_factor, interpolation, None,
-         lambda x: gaussian_noise(x, 10)),
-        ("x2", "the trainer's reduction by 2", 2, interpolation, None, None),
-        ("x8", "the trainer's reduction by 8", 8, interpolation, None, None),
+        ("clean", f"the trainer's reduction ({interpolation})", f, lambda hr: reduce(hr, f, interpolation)),
+        ("area", "area (box) reduction", f, lambda hr: reduce(hr, f, "box")),
+        ("jpeg30", "JPEG quality 30 after the reduction", f, lambda hr: jpeg(reduce(hr, f, interpolation), 30)),
+        ("blur1.5", "Gaussian blur sigma 1.5 before the reduction", f,
+         lambda hr: reduce(gaussian_blur(hr, 1.5), f, interpolation)),
+        ("noise10", "Gaussian noise sigma 10/255 after the reduction", f,
+         lambda hr: gaussian_noise(reduce(hr, f, interpolation), 10)),
+        ("realesrgan", "one draw (seed 0) of the trainer's realesrgan preset", f, lambda hr: realesrgan(hr, f)),
+        ("x2", "the trainer's reduction by 2", 2, lambda hr: reduce(hr, 2, interpolation)),
+        ("x8", "the trainer's reduction by 8", 8, lambda hr: reduce(hr, 8, interpolation)),
     ]
+
+
+def grid_peak(image, period):
+    """Spectral energy of the grey image on the frequencies of a pattern repeating every `period` pixels (m/period
+    cycles per pixel, m = 1..period-1, across the rows and down the columns) over the energy on the two frequencies
+    either side of each: ~1 for a photograph's smooth spectrum, above 1 for a grid at that period."""
+    grey = image.float().mean(0)
+    power = torch.fft.fft2(grey - grey.mean()).abs() ** 2
+    peak, beside = 0.0, 0.0
+    for spectrum in (power, power.T):  # columns: horizontal frequencies; then rows
+        n = spectrum.shape[1]
+        lines = [m * n // period for m in range(1, period)]
+        peak += spectrum[:, lines].mean().item()
+        beside += spectrum[:, [(i + d) % n for i in lines for d in (-2, -1, 1, 2)]].mean().item()
+    return peak / beside
 
 
 def ssim(a, b):
@@ -130,6 +174,7 @@ def ssim(a, b):
 def scores(output, hr, clean_small, factor, interpolation, tiles, seconds):
     """output, hr: uint8 CHW at the HR size -> the row of one method."""
     return {
+        "grid": grid_peak(output, factor),
         "psnr": tc.psnr(tc.tensor_to_image(output), tc.tensor_to_image(hr)),
         "ssim": ssim(output, hr),
         "consistency": tc.psnr(tc.tensor_to_image(reduce(output, factor, interpolation)),
@@ -149,15 +194,11 @@ def timed(fn, *args):
     return result, time.perf_counter() - start
 
 
-def to_uint8(image):
-    return (image[0] * 255).round().clamp(0, 255).to(torch.uint8).cpu()
-
-
 def run_variant(pipe, args, hr, variant):
     """-> {method: row}, and the images of the figure."""
-    name, _, factor, interpolation, before, after = variant
-    small = reduce(before(hr) if before else hr, factor, interpolation)
-    small = after(small) if after else small
+    name, _, factor, make_input = variant
+    interpolation = args.tile_config["interpolation"]
+    small = make_input(hr)
     clean_small = reduce(hr, factor, interpolation)
     args.scale = factor
     size = tuple(hr.shape[1:])
@@ -183,13 +224,14 @@ def run_variant(pipe, args, hr, variant):
 
 
 def print_table(variant, small, hr, rows, default_fix):
-    name, description, factor, *_ = variant
-    print(f"\n{name}: {description}, x{factor}: {small.shape[2]}x{small.shape[1]} -> {hr.shape[2]}x{hr.shape[1]}")
-    print(f"  {'method':<24} {'PSNR dB':>8} {'SSIM':>7} {'consist. dB':>12} {'seam':>7} {'s/MP':>9}")
+    name, description, factor, _ = variant
+    print(f"\n{name}: {description}, x{factor}: {small.shape[2]}x{small.shape[1]} -> {hr.shape[2]}x{hr.shape[1]};"
+          f" grid of the ground truth {grid_peak(hr, factor):.3f}")
+    print(f"  {'method':<24} {'PSNR dB':>8} {'SSIM':>7} {'consist. dB':>12} {'seam':>7} {'grid':>7} {'s/MP':>9}")
     for method, row in rows.items():
         mark = " *" if method == f"model ({default_fix})" else ""
         print(f"  {method + mark:<24} {row['psnr']:8.2f} {row['ssim']:7.4f} {row['consistency']:12.2f}"
-              f" {row['seam']:7.3f} {row['s_per_mp']:9.2f}")
+              f" {row['seam']:7.3f} {row['grid']:7.3f} {row['s_per_mp']:9.2f}")
 
 
 def save_figure(path, images, hr, default_fix):
@@ -204,9 +246,9 @@ def save_figure(path, images, hr, default_fix):
     print(f"\nfigure: {path} (input | bicubic | {' | '.join(f'ours, {fix}' for fix in fixes)} | ground truth)")
 
 
-def main():
-    bench = parse_args()
-    flags = ["--pretrained_model_name_or_path", bench.base, "--controlnet_model_name_or_path", bench.controlnet,
+def benchmark_model(bench, controlnet, hr):
+    """Every variant through one ControlNet: {variant: {method: row}}, its default colour fix, its tile config."""
+    flags = ["--pretrained_model_name_or_path", bench.base, "--controlnet_model_name_or_path", controlnet,
              "--input", held_out_photo(), "--output", os.path.join(tempfile.gettempdir(), "bench_upscale.png"),
              "--num_inference_steps", str(bench.steps), "--guidance_scale", str(bench.guidance_scale),
              "--mixed_precision", bench.mixed_precision, "--batch_size", str(bench.batch_size)]
@@ -214,35 +256,86 @@ def main():
     flags += ["--tile_overlap", str(bench.tile_overlap)] if bench.tile_overlap is not None else []
     flags += ["--color_fix", bench.color_fix] if bench.color_fix else []
     args = up.parse_args(flags)
-    bench.color_fix = args.color_fix
     trained_factor = args.scale
     if trained_factor != int(trained_factor):
         raise SystemExit(f"error: the model's trained factor {trained_factor} is not an integer")
-    interpolation = args.tile_config["interpolation"]
-    tc.DropNotices.install(xformers_requested=False)
+    config = args.tile_config
     pipe = up.load_pipeline(args)
     pipe.set_progress_bar_config(disable=True)
-    hr = hr_image(bench.hr_width)
 
+    print(f"\n=== ControlNet {args.controlnet_dir}: trained x{trained_factor:g} ({config['interpolation']}), factors"
+          f" {config.get('condition_scales', [trained_factor])}, degradation {config.get('condition_degradation', 'none')}")
     print(f"device {args.device}, mixed precision {args.mixed_precision}, {torch.get_num_threads()} threads;"
-          f" base {bench.base}; ControlNet {args.controlnet_dir}, trained x{trained_factor:g} ({interpolation})")
-    print(f"held-out photo {held_out_photo()} -> HR {hr.shape[2]}x{hr.shape[1]}; {args.num_inference_steps} steps,"
-          f" guidance {args.guidance_scale:g}, tiles {args.tile_size} px overlapping by {args.tile_overlap} px,"
-          f" batches of {args.batch_size}; * = --color_fix {bench.color_fix}")
+          f" base {bench.base}; HR {hr.shape[2]}x{hr.shape[1]}; {args.num_inference_steps} steps, guidance"
+          f" {args.guidance_scale:g}, tiles {args.tile_size} px overlapping by {args.tile_overlap} px, batches of"
+          f" {args.batch_size}; * = --color_fix {args.color_fix}")
+    default_fix = args.color_fix
     args.scale = trained_factor
-    up.generate(pipe, tc.tensor_to_image(reduce(hr, MAX_FACTOR, interpolation)), args)  # warm-up: first calls are slow
+    up.generate(pipe, tc.tensor_to_image(reduce(hr, MAX_FACTOR, config["interpolation"])), args)  # warm-up
     results = {}
-    for variant in variants(int(trained_factor), interpolation):
+    for variant in variants(int(trained_factor), config["interpolation"]):
         rows, images = run_variant(pipe, args, hr, variant)
-        print_table(variant, images["input"], hr, rows, bench.color_fix)
+        print_table(variant, images["input"], hr, rows, default_fix)
         results[variant[0]] = rows
-        if variant[0] == "clean" and bench.figure:
-            save_figure(bench.figure, images, hr, bench.color_fix)
+        if variant[0] == "clean" and bench.figure and controlnet == bench.controlnet[0]:
+            save_figure(bench.figure, images, hr, default_fix)
+    return results, default_fix
 
-    ours, clean = f"model ({bench.color_fix})", results["clean"]
-    print(f"\nupscale_psnr_vs_bicubic: {clean[ours]['psnr'] - clean['bicubic']['psnr']:.2f}")
-    print(f"upscale_consistency_psnr: {clean[ours]['consistency']:.2f}")
-    print(f"seam_ratio: {clean[ours]['seam']:.3f}")
+
+def print_comparison(labels, all_results, fixes):
+    """One line per variant: PSNR (consistency) of the baselines and of every model with its default colour fix;
+    then the means over the degraded variants for every colour fix."""
+    first = all_results[labels[0]]
+    methods = ["bicubic", "lanczos"] + [f"{label} ({fixes[label]})" for label in labels]
+    print("\n=== Side by side: PSNR dB (consistency dB); each model with its default colour fix")
+    print("| variant | " + " | ".join(methods) + " |")
+    print("|---" * (len(methods) + 1) + "|")
+    for variant in first:
+        cells = [first[variant][m] for m in ("bicubic", "lanczos")]
+        cells += [all_results[label][variant][f"model ({fixes[label]})"] for label in labels]
+        print(f"| {variant} | " + " | ".join(f"{c['psnr']:.2f} ({c['consistency']:.2f})" for c in cells) + " |")
+    print(f"\n=== Mean consistency dB over the degraded variants ({', '.join(DEGRADED)}), clean consistency dB,"
+          " and the x8 grid (ground truth: see the x8 table)")
+    print("| model | colour fix | degraded mean | clean | x8 grid |")
+    print("|---|---|---|---|---|")
+    for label in labels:
+        results = all_results[label]
+        for fix in up.COLOR_FIXES:
+            method = f"model ({fix})"
+            degraded = float(np.mean([results[v][method]["consistency"] for v in DEGRADED]))
+            mark = " *" if fix == fixes[label] else ""
+            print(f"| {label} | {fix}{mark} | {degraded:.2f} | {results['clean'][method]['consistency']:.2f} |"
+                  f" {results['x8'][method]['grid']:.3f} |")
+    for method in ("bicubic", "lanczos"):
+        degraded = float(np.mean([first[v][method]["consistency"] for v in DEGRADED]))
+        print(f"| {method} | - | {degraded:.2f} | {first['clean'][method]['consistency']:.2f} |"
+              f" {first['x8'][method]['grid']:.3f} |")
+
+
+def main():
+    bench = parse_args()
+    labels = bench.label or [os.path.basename(os.path.normpath(c)) for c in bench.controlnet]
+    if len(labels) != len(bench.controlnet):
+        raise SystemExit("error: give one --label per --controlnet")
+    tc.DropNotices.install(xformers_requested=False)
+    hr = hr_image(bench.hr_width)
+    print(f"held-out photo {held_out_photo()} -> HR {hr.shape[2]}x{hr.shape[1]}; grid of the ground truth at x8:"
+          f" {grid_peak(hr, 8):.3f}")
+    all_results, fixes = {}, {}
+    for label, controlnet in zip(labels, bench.controlnet):
+        all_results[label], fixes[label] = benchmark_model(bench, controlnet, hr)
+    if len(labels) > 1:
+        print_comparison(labels, all_results, fixes)
+
+    for label in labels:
+        results, ours = all_results[label], f"model ({fixes[label]})"
+        clean = results["clean"]
+        prefix = f"{label}: " if len(labels) > 1 else ""
+        print(f"\n{prefix}upscale_psnr_vs_bicubic: {clean[ours]['psnr'] - clean['bicubic']['psnr']:.2f}")
+        print(f"{prefix}upscale_consistency_psnr: {clean[ours]['consistency']:.2f}")
+        print(f"{prefix}degraded_consistency_psnr: {np.mean([results[v][ours]['consistency'] for v in DEGRADED]):.2f}")
+        print(f"{prefix}seam_ratio: {clean[ours]['seam']:.3f}")
+        print(f"{prefix}x8_grid_vs_ground_truth: {results['x8'][ours]['grid'] / grid_peak(hr, 8):.3f}")
 
 
 if __name__ == "__main__":

@@ -43,6 +43,11 @@ def test_help_lists_every_reference_flag():
         (["--report_to=wandb", "--hub_token=hf_secret"], "--hub_token cannot be used with --report_to=wandb"),
         (["--resume_from_checkpoint=/nope/checkpoint-7"], "--resume_from_checkpoint: no checkpoint-N directory at /nope/checkpoint-7"),
         (["--mixed_precision=fp16"], "--mixed_precision=fp16 needs a CUDA GPU"),
+        (["--condition_scales", "4", "0.5"], "--condition_scales: 0.5 is below 1"),
+        (["--condition_scales", "600"], "--condition_scales: 600 reduces --resolution=256 to less than 1 pixel"),
+        (["--condition_degradation=jpeg"], "argument --condition_degradation: invalid choice: 'jpeg'"),
+        (["--condition_degradation=realesrgan", "--interpolation=lanczos"],
+         "--condition_degradation=realesrgan makes conditions on the training device"),
     ],
 )
 def test_bad_input_is_one_clear_line_before_any_model_loads(shards, tmp_path, extra, message):

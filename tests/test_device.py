@@ -7,6 +7,7 @@ step that runs on meta has neither a mixed-device operation nor a hidden host sy
 """
 
 import math
+import random
 
 import pytest
 import torch
@@ -79,6 +80,19 @@ def test_model_inputs_reach_the_device_without_a_round_trip(interpolation):
     assert target.device == META and condition.device == META
     assert target.shape == condition.shape == (2, 3, 64, 64)
     assert condition.dtype == target.dtype == torch.float32
+
+
+def test_degraded_conditions_are_made_on_the_device():
+    """--condition_degradation's steps (blur, resize, noise, JPEG) and the enlargement, all on meta: the draws come
+    from the host, nothing goes back to it."""
+    args = tc.make_parser().parse_args(["--resolution=64", "--condition_resolution=16", "--condition_scales", "2", "4",
+                                        "8", "--condition_degradation=realesrgan"])
+    factors = [2.0, 4.0, 8.0, 4.0]
+    batch = {"pixel_values": torch.randint(0, 256, (4, 3, 64, 64), dtype=torch.uint8),
+             "conditioning_pixel_values": [None] * 4, "condition_scales": factors,
+             "degradation": tc.draw_degradation("realesrgan", 4, random.Random(0))}
+    target, condition = tc.model_inputs(batch, args, META)
+    assert condition.device == META and condition.shape == (4, 3, 64, 64) and condition.dtype == torch.float32
 
 
 def test_training_step_on_the_meta_device(tiny_model):

@@ -54,7 +54,13 @@ def test_condition_use_gap_is_its_definition_on_a_toy_model():
     }
     models = (ToyVAE(), toy_text_encoder, toy_unet, toy_controlnet)
     args = SimpleNamespace(resolution=8, interpolation="bicubic")  # conditions already at 8 px: enlarging is a no-op
-    true_loss, rolled_loss = tc.condition_use(models, scheduler, holdout, args, torch.float32, torch.device("cpu"), seed=7)
+    def gap_losses(models):
+        _, conditions = tc.model_inputs(holdout, args, torch.device("cpu"))
+        losses = tc.holdout_losses(models, scheduler, holdout, {"true": conditions, "rolled": conditions.roll(1, dims=0)},
+                                   torch.float32, torch.device("cpu"), seed=7)
+        return losses["true"], losses["rolled"]
+
+    true_loss, rolled_loss = gap_losses(models)
 
     # By hand: target = noise (the generator's first draw), prediction = the mean of the condition used.
     reps = tc.HOLDOUT_REPEATS
@@ -68,8 +74,7 @@ def test_condition_use_gap_is_its_definition_on_a_toy_model():
 
     # A ControlNet that ignores its condition has a gap of exactly zero: same latents, noise and timesteps.
     blind = lambda noisy, t, encoder_hidden_states, controlnet_cond, return_dict=False: ([], torch.full((N * reps, 4, LATENT, LATENT), 0.5))
-    t, r = tc.condition_use((ToyVAE(), toy_text_encoder, toy_unet, blind), scheduler, holdout, args, torch.float32,
-                            torch.device("cpu"), seed=7)
+    t, r = gap_losses((ToyVAE(), toy_text_encoder, toy_unet, blind))
     assert t == r
 
 

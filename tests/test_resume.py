@@ -24,10 +24,18 @@ def sample_keys(output_dir, rank=0):
         return [line.split() for line in f]
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", "adamw8bit"])
-def test_resume_is_exact(tiny_model, shards, tmp_path, optimizer):
+RECIPES = {
+    "adamw8bit": ["--use_8bit_adam"],
+    # The degradation's draws come from the data's random stream, its noise from the device's generator.
+    "adamw, realesrgan conditions at 3 factors": ["--condition_scales", "2", "3.5", "8",
+                                                  "--condition_degradation=realesrgan"],
+}
+
+
+@pytest.mark.parametrize("recipe", list(RECIPES))
+def test_resume_is_exact(tiny_model, shards, tmp_path, recipe):
     """8 steps straight == 4 steps, a new process resuming from checkpoint-4, 4 more steps."""
-    extra = ["--use_8bit_adam"] if optimizer == "adamw8bit" else []
+    extra = RECIPES[recipe]
     common = dict(learning_rate=1e-3, checkpointing_steps=4, dataloader_num_workers=0, num_holdout_samples=0,
                   save_sample_keys=None, logging_steps=2)
 

@@ -8,7 +8,6 @@ import os
 import shutil
 import subprocess
 import sys
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -47,7 +46,7 @@ def controlnet_dir(tiny_model, tmp_path_factory):
                 p.copy_(torch.randn(p.shape, generator=generator) * 0.3)
     path = tmp_path_factory.mktemp("controlnet") / "controlnet-tile"
     controlnet.save_pretrained(path)
-    tc.save_tile_config(SimpleNamespace(resolution=64, condition_resolution=16, interpolation="bicubic"), path)
+    tc.save_tile_config(tc.make_parser().parse_args(["--resolution=64", "--condition_resolution=16"]), path)
     return str(path)
 
 
@@ -152,7 +151,7 @@ def test_defaults_follow_tile_config(tiny_model, controlnet_dir, photo, tmp_path
     degraded = tmp_path / "degraded"
     shutil.copytree(controlnet_dir, degraded)
     config = json.loads((degraded / tc.TILE_CONFIG).read_text())
-    config.update(condition_scales=[2, 4], condition_degradation={"jpeg_quality": [30, 95]})
+    config.update(condition_scales=[2, 4], condition_degradation="realesrgan")
     (degraded / tc.TILE_CONFIG).write_text(json.dumps(config))
     args = up.parse_args(cli(tiny_model, degraded, photo, tmp_path / "b.png"))
     assert (args.color_fix, args.scale) == ("wavelet", 4.0)

@@ -16,7 +16,9 @@ PANELS = [
     ("loss", [("loss", "training loss (interval mean)"), ("holdout/loss", "held-out loss")]),
     ("condition-use gap", [("holdout/condition_gap", "held-out loss, rolled - true conditions")]),
     ("condition PSNR (dB)", [("holdout/condition_psnr", "output vs its condition"),
-                             ("holdout/condition_psnr_rolled", "control: vs another sample's condition")]),
+                             ("holdout/condition_psnr_rolled", "control: vs another sample's condition"),
+                             ("holdout/jpeg30/condition_psnr", "input: area + JPEG 30 (vs clean)"),
+                             ("holdout/x8/condition_psnr", "input: area 8x (vs clean 8x)")]),
 ]
 
 
