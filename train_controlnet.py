@@ -4,7 +4,8 @@
 
 An adaptation of diffusers' `examples/controlnet/train_controlnet.py`: same flags, same loop, same output layout.
 What differs: data comes from tar shards instead of HF datasets, and the conditioning image is made from the
-training image itself, downsampled to `--condition_resolution` and upsampled back to `--resolution`.
+training image itself, downsampled to `--condition_resolution` and upsampled back to `--resolution` (or, for real
+low-resolution inputs, reduced by factors drawn from `--condition_scales` and degraded by `--condition_degradation`).
 """
 
 import argparse
