@@ -614,7 +614,6 @@ def enlarge_condition(condition, size, interpolation, device=None):
     return (torch.stack([resize(c, size, interpolation) for c in condition]).float() / 255).to(device, non_blocking=True)
 
 
-
 # ----------------------------------------------------------------------------------------------------------------
 # Condition recipes: the reduction factors and the degradations of a low-resolution image
 #

@@ -116,7 +116,8 @@ def parse_args(input_args=None):
         " only finer detail is the model's; it also keeps the input's noise and JPEG artefacts. 'wavelet' (StableSR):"
         " the enlarged input's low frequencies (colours, shading) under the result's detail, which lets a model that"
         " removes degradations do so. 'adain': each channel's mean and std. 'none': the model's own. Default:"
-        " 'wavelet' for a model trained on degraded conditions (its tile_config.json says so), else 'backprojection'.",
+        " 'wavelet' for a model trained on degraded conditions (its tile_config.json has a condition_degradation other"
+        " than 'none'), else 'backprojection'.",
     )
     parser.add_argument("--seed", type=int, default=0, help="Seed of the initial noise (same seed, same image).")
     parser.add_argument(

@@ -27,7 +27,7 @@ The five after clean are "the degraded variants", averaged in the summary.
 Columns: PSNR and SSIM against the HR image; consistency: PSNR of the output reduced back by the trainer's reduction
 against the clean reduction of the HR image (does it keep the content, and does it remove the degradation?); seam:
 upscale.seam_score at the tile borders the model used (the other methods scored at the same lines); grid: the
-output's spectral energy at the frequencies of the reduction period over that just beside them (grid_peak; the
+output's spectral energy on the frequency lattice of the reduction period over that just beside it (grid_peak; the
 ground truth's is printed with each table: a grid artifact raises it above the ground truth's); seconds per output
 megapixel. The model's rows share one denoising run per variant and differ only in the colour fix; "bicubic +
 backprojection" is upscale.py's back-projection applied to the bicubic enlargement, so that what back-projection
@@ -150,18 +150,18 @@ def variants(trained_factor, interpolation):
 
 
 def grid_peak(image, period):
-    """Spectral energy of the grey image on the frequencies of a pattern repeating every `period` pixels (m/period
-    cycles per pixel, m = 1..period-1, across the rows and down the columns) over the energy on the two frequencies
-    either side of each: ~1 for a photograph's smooth spectrum, above 1 for a grid at that period."""
+    """Spectral energy of the grey image on the lattice of a pattern repeating every `period` pixels (frequencies
+    (n/period, m/period) cycles per pixel, all but 0, 0) over the energy one and two frequency steps beside those
+    points, across and down: a grid at that period raises it far above a photograph's (measured on the held-out
+    portrait at 8: 0.63; with a +-3-level line grid every 8 px added, 5.0; every 7 px, 0.65)."""
     grey = image.float().mean(0)
     power = torch.fft.fft2(grey - grey.mean()).abs() ** 2
-    peak, beside = 0.0, 0.0
-    for spectrum in (power, power.T):  # columns: horizontal frequencies; then rows
-        n = spectrum.shape[1]
-        lines = [m * n // period for m in range(1, period)]
-        peak += spectrum[:, lines].mean().item()
-        beside += spectrum[:, [(i + d) % n for i in lines for d in (-2, -1, 1, 2)]].mean().item()
-    return peak / beside
+    h, w = power.shape
+    points = [(n * h // period, m * w // period) for n in range(period) for m in range(period) if n or m]
+    steps = [(0, 1), (0, -1), (0, 2), (0, -2), (1, 0), (-1, 0), (2, 0), (-2, 0)]
+    peak = torch.stack([power[p] for p in points]).mean()
+    beside = torch.stack([power[(y + dy) % h, (x + dx) % w] for y, x in points for dy, dx in steps]).mean()
+    return (peak / beside).item()
 
 
 def ssim(a, b):

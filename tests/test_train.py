@@ -19,6 +19,9 @@ def base_args(tiny_model, shards, output_dir, **overrides):
         "pretrained_model_name_or_path": tiny_model, "output_dir": output_dir, "train_shards_path_or_url": shards,
         "resolution": 64, "condition_resolution": 16, "train_batch_size": 2, "learning_rate": 1e-4, "seed": 0,
         "max_train_steps": 4, "report_to": "tensorboard", "mixed_precision": "no", "logging_steps": 1,
+        # No held-out batch unless a test is about it (test_metrics, test_learning): its validations at step 0 and at
+        # the end generate it three times (clean and two degraded inputs) and would dominate a plumbing test's time.
+        "num_holdout_samples": 0,
         **overrides,
     }
     return [f"--{k}={v}" for k, v in flags.items() if v is not None]

@@ -328,3 +328,22 @@ def test_bad_input_from_the_command_line(tiny_model, controlnet_dir, tmp_path):
     )
     assert proc.returncode != 0
     assert proc.stderr.strip().splitlines() == [f"upscale.py: error: --input not found: {tmp_path / 'nope.png'}"]
+
+
+def test_benchmark_grid_metric_sees_a_grid_at_the_reduction_period():
+    """bench_upscale's grid score (the issue's "no grid artifacts at 8x"): below 1 for a photo, far above it once a
+    faint pattern repeating every 8 px is added, and unmoved by a pattern of another period."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_upscale
+
+    hr = bench_upscale.hr_image(256)
+    y, x = torch.meshgrid(torch.arange(hr.shape[1]), torch.arange(hr.shape[2]), indexing="ij")
+
+    def with_pattern(period):  # +-3 levels on the first row and column of every period x period cell
+        pattern = (((y % period) == 0) | ((x % period) == 0)).float() * 6 - 3
+        return (hr.float() + pattern).clamp(0, 255).to(torch.uint8)
+
+    photo = bench_upscale.grid_peak(hr, 8)
+    assert 0.3 < photo < 1.0, photo  # measured 0.63
+    assert bench_upscale.grid_peak(with_pattern(8), 8) > 4 * photo  # 5.0
+    assert bench_upscale.grid_peak(with_pattern(7), 8) < 1.2 * photo  # 0.65
