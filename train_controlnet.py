@@ -27,7 +27,7 @@ import subprocess
 import tempfile
 import time
 from datetime import timedelta
-from functools import partial
+from functools import lru_cache, partial
 from pathlib import Path
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # fast tokenizers in forked workers can deadlock
@@ -681,19 +681,21 @@ def draw_condition_scale(args, rng=None):
 
 def kernel_distances(size, sigma_x, sigma_y, angle):
     """x^T Sigma^-1 x on a size x size grid centred on 0, Sigma = R diag(sigma_x^2, sigma_y^2) R^T (rotation by
-    `angle`): the squared Mahalanobis distance every Gaussian-like kernel is a function of."""
-    axis = torch.arange(size, dtype=torch.float64) - size // 2
-    grid = torch.stack(torch.meshgrid(axis, axis, indexing="xy"), dim=-1)
-    rotation = torch.tensor([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]], dtype=torch.float64)
-    sigma = rotation @ torch.diag(torch.tensor([sigma_x**2, sigma_y**2], dtype=torch.float64)) @ rotation.T
-    return torch.einsum("...i,ij,...j->...", grid, torch.linalg.inv(sigma), grid)
+    `angle`): the squared Mahalanobis distance every Gaussian-like kernel is a function of. (numpy: the workers
+    build ~3 kernels an image, and numpy's small-array calls cost a tenth of torch's.)"""
+    x, y = np.meshgrid(np.arange(size) - size // 2, np.arange(size) - size // 2)
+    cos, sin = math.cos(angle), math.sin(angle)
+    a = cos**2 / sigma_x**2 + sin**2 / sigma_y**2  # Sigma^-1 = R diag(1/sigma_x^2, 1/sigma_y^2) R^T
+    b = cos * sin * (1 / sigma_x**2 - 1 / sigma_y**2)
+    d = sin**2 / sigma_x**2 + cos**2 / sigma_y**2
+    return a * x**2 + 2 * b * x * y + d * y**2
 
 
 def blur_kernel(shape, size, sigma_x, sigma_y, angle, beta=1.0):
     """Gaussian (beta 1), generalised Gaussian (its exponent raised to beta: flatter or peakier) or plateau kernel."""
     distance = kernel_distances(size, sigma_x, sigma_y, angle)
-    kernel = 1 / (distance**beta + 1) if shape.startswith("plateau") else torch.exp(-0.5 * distance**beta)
-    return (kernel / kernel.sum()).float()
+    kernel = 1 / (distance**beta + 1) if shape.startswith("plateau") else np.exp(-0.5 * distance**beta)
+    return torch.from_numpy(kernel / kernel.sum()).float()
 
 
 def sinc_kernel(size, cutoff):
@@ -769,11 +771,29 @@ def draw_degradation(preset, n, rng):
     }
 
 
-def select_draws(draws, index):
-    """The draws of the images at `index` (a list): per-image tensors are indexed, per-batch choices kept."""
+def draw_degradation_groups(preset, factors, rng):
+    """A batch's draws, one group per reduction factor (its images share a size): the indices of its images and
+    their draws, host tensors that the loader pins, so that they reach the device without a host sync."""
+    groups = []
+    for factor in sorted(set(factors)):
+        index = [i for i, f in enumerate(factors) if f == factor]
+        groups.append({"factor": factor, "index": torch.tensor(index), "draws": draw_degradation(preset, len(index), rng)})
+    return groups
+
+
+def to_device(draws, device):
+    """Nested dicts of host tensors and plain values -> the same with the tensors on `device`, copied without waiting
+    (from the loader's pinned memory: a blocking copy, or one from pageable memory, waits for the device)."""
     if isinstance(draws, dict):
-        return {k: select_draws(v, index) for k, v in draws.items()}
-    return draws[index] if torch.is_tensor(draws) else draws
+        return {k: to_device(v, device) for k, v in draws.items()}
+    return draws.to(device, non_blocking=True) if torch.is_tensor(draws) else draws
+
+
+@lru_cache(maxsize=None)
+def constant(name, device, dtype=torch.float32):
+    """A constant of the degradation steps on `device`, copied there once (a fresh copy from the host in every step
+    would wait for the device)."""
+    return CONSTANTS[name].to(device, dtype)
 
 
 def blur(images, kernels):
@@ -805,7 +825,7 @@ def poisson_noise(images, scale, gray, generator):
 
 def rgb_to_luma(images):
     """(n, 3, h, w) -> (n, 3, h, w) of the ITU-R 601 luma, the grey of JPEG and of torchvision's rgb_to_grayscale."""
-    weights = torch.tensor([0.299, 0.587, 0.114], device=images.device, dtype=images.dtype)
+    weights = constant("ycbcr", images.device, images.dtype)[0]
     return (images * weights[:, None, None]).sum(1, keepdim=True).expand_as(images)
 
 
@@ -819,13 +839,15 @@ JPEG_CHROMA[:4, :4] = torch.tensor([[17, 18, 24, 47], [18, 21, 26, 66], [24, 26,
 DCT = torch.tensor([[math.sqrt((1 if k == 0 else 2) / 8) * math.cos((2 * i + 1) * k * math.pi / 16) for i in range(8)]
                     for k in range(8)])
 YCBCR = torch.tensor([[0.299, 0.587, 0.114], [-0.168736, -0.331264, 0.5], [0.5, -0.418688, -0.081312]])
+CONSTANTS = {"jpeg_tables": torch.stack([JPEG_LUMA, JPEG_CHROMA]), "dct": DCT, "ycbcr": YCBCR,
+             "ycbcr_to_rgb": torch.linalg.inv(YCBCR)}
 
 
 def jpeg_tables(quality):
     """(n,) qualities in [1, 100] -> (n, 2, 8, 8) luma and chroma quantisation steps (libjpeg's quality scaling)."""
     quality = quality.round().clamp(1, 100)
     scale = torch.where(quality < 50, torch.floor(5000 / quality), 200 - 2 * quality)[:, None, None, None]
-    base = torch.stack([JPEG_LUMA, JPEG_CHROMA]).to(quality.device)
+    base = constant("jpeg_tables", quality.device)
     return torch.floor((base * scale + 50) / 100).clamp(1, 255)
 
 
@@ -833,7 +855,7 @@ def quantise_blocks(planes, steps):
     """(n, c, h, w) planes (sides multiples of 8) -> the same after the 8x8 DCT, rounding to multiples of
     `steps` (n, 8, 8) and the inverse DCT: what JPEG keeps of them."""
     n, c, h, w = planes.shape
-    dct = DCT.to(planes)
+    dct = constant("dct", planes.device, planes.dtype)
     blocks = planes.view(n, c, h // 8, 8, w // 8, 8).transpose(3, 4)
     steps = steps[:, None, None, None]
     coefficients = torch.round(dct @ blocks @ dct.T / steps) * steps
@@ -846,12 +868,12 @@ def jpeg(images, quality):
     standard tables scaled by quality) and, as Real-ESRGAN's DiffJPEG, chroma repeated back to full size."""
     n, _, h, w = images.shape
     padded = F.pad(images * 255, (0, -w % 16, 0, -h % 16), mode="replicate")  # libjpeg repeats the edge too
-    ycbcr = torch.einsum("ij,njhw->nihw", YCBCR.to(images), padded)  # chroma centred on 0, as JPEG codes it
+    ycbcr = torch.einsum("ij,njhw->nihw", constant("ycbcr", images.device, images.dtype), padded)  # chroma centred on 0
     tables = jpeg_tables(quality.to(images.device, torch.float32)).to(images)
     luma = quantise_blocks(ycbcr[:, :1] - 128, tables[:, 0]) + 128
     chroma = quantise_blocks(F.avg_pool2d(ycbcr[:, 1:], 2), tables[:, 1])
     ycbcr = torch.cat([luma, chroma.repeat_interleave(2, -2).repeat_interleave(2, -1)], dim=1)
-    rgb = torch.einsum("ij,njhw->nihw", torch.linalg.inv(YCBCR).to(images), ycbcr)
+    rgb = torch.einsum("ij,njhw->nihw", constant("ycbcr_to_rgb", images.device, images.dtype), ycbcr)
     return (rgb[..., :h, :w] / 255).clamp(0, 1)
 
 
@@ -892,15 +914,15 @@ def scaled(size, factor):
     return tuple(max(1, round(side * factor)) for side in size)
 
 
-def degraded_conditions(targets, factors, draws, resolution, generator=None):
-    """uint8 targets on the training device -> their degraded low-resolution images (a list: the sizes differ with
-    the factor), one batched degrade per factor."""
-    conditions = [None] * len(factors)
-    for factor in sorted(set(factors)):
-        index = [i for i, f in enumerate(factors) if f == factor]
-        small = degrade(targets[index].float() / 255, condition_size(resolution, factor), select_draws(draws, index),
+def degraded_conditions(targets, groups, resolution, generator=None):
+    """uint8 targets on the training device -> their degraded low-resolution images, a list (the sizes differ with
+    the factor): one batched degrade per group of draw_degradation_groups."""
+    conditions = [None] * targets.shape[0]
+    for group in groups:
+        images = targets.index_select(0, group["index"].to(targets.device, non_blocking=True)).float() / 255
+        small = degrade(images, condition_size(resolution, group["factor"]), to_device(group["draws"], targets.device),
                         generator)
-        for i, condition in zip(index, small):
+        for i, condition in zip(group["index"].tolist(), small):  # the host copy of the indices: no device read
             conditions[i] = condition
     return conditions
 
@@ -996,7 +1018,7 @@ def model_inputs(batch, args, device):
     target = batch["pixel_values"].to(device, non_blocking=True)
     conditions = batch["conditioning_pixel_values"]
     if batch.get("degradation") is not None:
-        conditions = degraded_conditions(target, batch["condition_scales"], batch["degradation"], args.resolution)
+        conditions = degraded_conditions(target, batch["degradation"], args.resolution)
     return target.float() / 127.5 - 1, enlarge_condition(conditions, args.resolution, args.interpolation, device)
 
 
@@ -1129,7 +1151,7 @@ def batches_of(samples, size):
 def with_degradation_draws(batches, preset, rng):
     """Each batch with its --condition_degradation draws (None for 'none'): the worker draws, the device degrades."""
     for batch in batches:
-        batch["degradation"] = None if preset == "none" else draw_degradation(preset, len(batch["keys"]), rng)
+        batch["degradation"] = None if preset == "none" else draw_degradation_groups(preset, batch["condition_scales"], rng)
         yield batch
 
 

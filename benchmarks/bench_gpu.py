@@ -39,10 +39,13 @@ def degradation_seconds(args, batch_size, resolution, repeats=10):
     args = tc.make_parser().parse_args([f"--resolution={resolution}", "--condition_degradation=realesrgan",
                                         "--condition_scales", "2", "3", "4", "6", "8"])
     rng = random.Random(0)
-    batches = [{"pixel_values": torch.randint(0, 256, (batch_size, 3, resolution, resolution), dtype=torch.uint8).pin_memory(),
-                "conditioning_pixel_values": [None] * batch_size,
-                "condition_scales": [tc.draw_condition_scale(args, rng) for _ in range(batch_size)],
-                "degradation": tc.draw_degradation("realesrgan", batch_size, rng)} for _ in range(4)]
+    batches = []
+    for _ in range(4):  # as the loader delivers them: host tensors pinned
+        factors = [tc.draw_condition_scale(args, rng) for _ in range(batch_size)]
+        batch = {"pixel_values": torch.randint(0, 256, (batch_size, 3, resolution, resolution), dtype=torch.uint8),
+                 "conditioning_pixel_values": [None] * batch_size, "condition_scales": factors,
+                 "degradation": tc.draw_degradation_groups("realesrgan", factors, rng)}
+        batches.append(torch.utils.data._utils.pin_memory.pin_memory(batch))
     device = torch.device("cuda")
     tc.model_inputs(batches[0], args, device)
     torch.cuda.synchronize()

@@ -11,6 +11,7 @@ import random
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import train_controlnet as tc
 
@@ -90,9 +91,46 @@ def test_degraded_conditions_are_made_on_the_device():
     factors = [2.0, 4.0, 8.0, 4.0]
     batch = {"pixel_values": torch.randint(0, 256, (4, 3, 64, 64), dtype=torch.uint8),
              "conditioning_pixel_values": [None] * 4, "condition_scales": factors,
-             "degradation": tc.draw_degradation("realesrgan", 4, random.Random(0))}
+             "degradation": tc.draw_degradation_groups("realesrgan", factors, random.Random(0))}
     target, condition = tc.model_inputs(batch, args, META)
     assert condition.device == META and condition.shape == (4, 3, 64, 64) and condition.dtype == torch.float32
+
+
+class HostToDeviceCopies(TorchDispatchMode):
+    """Records every copy of a host tensor to another device and whether it waits (non_blocking=False): on a GPU a
+    waiting copy, or one from pageable memory, is a host sync."""
+
+    def __init__(self):
+        super().__init__()
+        self.copies = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.ops.aten._to_copy.default and args[0].device.type == "cpu":
+            target = kwargs.get("device")
+            if target is not None and torch.device(target).type != "cpu":
+                self.copies.append((tuple(args[0].shape), kwargs.get("non_blocking", False)))
+        return func(*args, **kwargs)
+
+
+def test_degraded_conditions_copy_to_the_device_without_waiting():
+    """Every host tensor the degradation needs reaches the device in a non-blocking copy of what the loader pinned:
+    the draws and the groups' indices. Its constants are copied once per device, not once per step."""
+    args = tc.make_parser().parse_args(["--resolution=64", "--condition_resolution=16", "--condition_scales", "2", "4",
+                                        "8", "--condition_degradation=realesrgan"])
+    factors = [2.0, 4.0, 8.0, 4.0]
+
+    def batch(seed):
+        return {"pixel_values": torch.randint(0, 256, (4, 3, 64, 64), dtype=torch.uint8),
+                "conditioning_pixel_values": [None] * 4, "condition_scales": factors,
+                "degradation": tc.draw_degradation_groups("realesrgan", factors, random.Random(seed))}
+
+    tc.model_inputs(batch(0), args, META)  # the first step copies the constants
+    with HostToDeviceCopies() as recorder:
+        tc.model_inputs(batch(1), args, META)
+    assert recorder.copies, "no host-to-device copy recorded: the recorder is blind"
+    waiting = [shape for shape, non_blocking in recorder.copies if not non_blocking]
+    assert not waiting, f"blocking host-to-device copies of shapes {waiting}"
 
 
 def test_training_step_on_the_meta_device(tiny_model):
