@@ -569,10 +569,15 @@ def image_to_tensor(image):
     return torch.from_numpy(np.array(image)).permute(2, 0, 1)
 
 
+def quantise(images):
+    """Float images in [0, 1] -> uint8, each value rounded to the nearest of the 256 levels."""
+    return (images * 255).round().clamp(0, 255).to(torch.uint8)
+
+
 def tensor_to_image(tensor):
     """CHW tensor, uint8 or float in [0, 1] -> PIL RGB."""
     if tensor.is_floating_point():
-        tensor = (tensor * 255).round().clamp(0, 255).to(torch.uint8)
+        tensor = quantise(tensor)
     return Image.fromarray(tensor.cpu().permute(1, 2, 0).contiguous().numpy())
 
 
@@ -669,11 +674,16 @@ def condition_size(resolution, factor):
     return round(resolution / factor)
 
 
+def clean_scale(args):
+    """The clean recipe's reduction factor (validation, the held-out metrics, upscale.py's default scale)."""
+    return args.resolution / args.condition_resolution
+
+
 def draw_condition_scale(args, rng=None):
     """The reduction factor of one sample: one of --condition_scales (drawn only when there are several, so that a
     single factor leaves the data stream exactly as it was), or the clean recipe's without `rng` (held-out data)."""
     if rng is None or not args.condition_scales:
-        return args.resolution / args.condition_resolution
+        return clean_scale(args)
     if len(args.condition_scales) == 1:
         return args.condition_scales[0]
     return rng.choice(args.condition_scales)
@@ -907,7 +917,7 @@ def degrade(images, size, draws, generator=None):
         x = jpeg(blur(resize_by(x, size, draws["final_mode"]), draws["final_sinc"]).clamp(0, 1), second["jpeg_quality"])
     else:
         x = blur(resize_by(jpeg(x, second["jpeg_quality"]), size, draws["final_mode"]), draws["final_sinc"])
-    return (x * 255).round().clamp(0, 255).to(torch.uint8)
+    return quantise(x)
 
 
 def scaled(size, factor):
@@ -1289,17 +1299,18 @@ def controlnet_loss(vae, unet, controlnet, noise_scheduler, pixel_values, condit
 HOLDOUT_REPEATS = 4  # noise draws per held-out sample, at timesteps spread over the whole schedule
 
 
-def holdout_losses(models, noise_scheduler, holdout, conditions, weight_dtype, device, seed):
-    """{name: held-out denoising loss with conditions[name]}, every one with the same latents, noise and timesteps.
+def holdout_losses(models, noise_scheduler, pixel_values, input_ids, conditions, weight_dtype, device, seed):
+    """{name: held-out denoising loss of the targets `pixel_values` (from model_inputs) with conditions[name]}, every
+    one with the same latents, noise and timesteps.
 
     So the gap between the losses with the true conditions and with conditions rolled across the batch measures
     how much the prediction uses the condition: ~0 while the ControlNet ignores it, growing once it follows it.
     """
     vae, text_encoder, unet, controlnet = models
-    n = holdout["pixel_values"].shape[0]
-    pixel_values = (holdout["pixel_values"].to(device).float() / 127.5 - 1).repeat(HOLDOUT_REPEATS, 1, 1, 1)
+    n = pixel_values.shape[0]
+    pixel_values = pixel_values.repeat(HOLDOUT_REPEATS, 1, 1, 1)
     with torch.no_grad():
-        prompt_states = text_encoder(holdout["input_ids"].to(device), return_dict=False)[0].repeat(HOLDOUT_REPEATS, 1, 1)
+        prompt_states = text_encoder(input_ids.to(device), return_dict=False)[0].repeat(HOLDOUT_REPEATS, 1, 1)
     timesteps = torch.linspace(0, noise_scheduler.config.num_train_timesteps - 1, n * HOLDOUT_REPEATS, device=device)
     timesteps = timesteps.long()[torch.randperm(n * HOLDOUT_REPEATS, generator=torch.Generator().manual_seed(seed)).to(device)]
     losses = {}
@@ -1316,10 +1327,10 @@ def holdout_losses(models, noise_scheduler, holdout, conditions, weight_dtype, d
 def holdout_variants(targets, args):
     """Degraded held-out conditions that no recipe trains on exactly, scored beside the clean ones so that a run's
     robustness to real inputs can be watched: {name: (reduction factor, uint8 low-resolution images)}."""
-    factor = args.resolution / args.condition_resolution
+    factor = clean_scale(args)
     area = lambda f: torch.stack([resize(t, condition_size(args.resolution, f), "box") for t in targets])
     return {
-        "jpeg30": (factor, jpeg(area(factor).float() / 255, torch.full((len(targets),), 30.0)).mul(255).round().byte()),
+        "jpeg30": (factor, quantise(jpeg(area(factor).float() / 255, torch.full((len(targets),), 30.0)))),
         "x8": (8.0, area(8.0)),
     }
 
@@ -1399,11 +1410,11 @@ def log_validation(vae, text_encoder, tokenizer, unet, controlnet, noise_schedul
 
     if holdout is not None:
         device = accelerator.device
-        _, clean = model_inputs(holdout, args, device)
+        pixel_values, clean = model_inputs(holdout, args, device)
         variants = holdout_variants(holdout["pixel_values"], args)
         conditions = {"clean": clean, **{name: enlarge_condition(small, args.resolution, args.interpolation, device)
                                          for name, (_, small) in variants.items()}}
-        losses = holdout_losses((vae, text_encoder, unet, controlnet), noise_scheduler, holdout,
+        losses = holdout_losses((vae, text_encoder, unet, controlnet), noise_scheduler, pixel_values, holdout["input_ids"],
                                 {"rolled": clean.roll(1, dims=0), **conditions}, weight_dtype, device, seed)
         targets = [tensor_to_image(t) for t in holdout["pixel_values"]]
 
@@ -1420,7 +1431,7 @@ def log_validation(vae, text_encoder, tokenizer, unet, controlnet, noise_schedul
             "holdout/loss_rolled_condition": losses["rolled"],
             "holdout/condition_gap": losses["rolled"] - losses["clean"],
         }
-        factors = {"clean": args.resolution / args.condition_resolution, **{k: f for k, (f, _) in variants.items()}}
+        factors = {"clean": clean_scale(args), **{k: f for k, (f, _) in variants.items()}}
         for variant, enlarged in conditions.items():
             images = [tensor_to_image(c) for c in enlarged]
             generator = torch.Generator(device=device).manual_seed(seed)
@@ -1459,9 +1470,9 @@ def tile_config(args):
     return {
         "resolution": args.resolution,
         "condition_resolution": args.condition_resolution,
-        "scale": args.resolution / args.condition_resolution,
+        "scale": clean_scale(args),
         "interpolation": args.interpolation,
-        "condition_scales": args.condition_scales or [args.resolution / args.condition_resolution],
+        "condition_scales": args.condition_scales or [clean_scale(args)],
         "condition_degradation": args.condition_degradation,
     }
 

@@ -32,7 +32,7 @@ def measure(s, batches, steps, warmup):
     return len(batches[0]["pixel_values"]) / step_s, torch.cuda.max_memory_allocated() / 2**30
 
 
-def degradation_seconds(args, batch_size, resolution, repeats=10):
+def degradation_seconds(batch_size, resolution, repeats=10):
     """Seconds per batch of model_inputs with realesrgan conditions at factors 2-8, on the GPU."""
     from common import tc
 
@@ -100,7 +100,7 @@ def main():
         print(f"{name:<9} {images_s:8.1f} images/s  peak {peak:6.2f} GiB allocated")
     if "xformers" in results:
         print(f"xformers_vs_sdpa: {results['xformers'][0] / results['sdpa'][0]:.2f}")
-    degradation_s = degradation_seconds(args, cli.batch_size, cli.resolution)
+    degradation_s = degradation_seconds(cli.batch_size, cli.resolution)
     step_s = cli.batch_size / max(images_s for images_s, _ in results.values())
     print(f"realesrgan conditions (factors 2-8) on the device: {degradation_s * 1000:.1f} ms per batch of"
           f" {cli.batch_size}, step {step_s * 1000:.1f} ms")

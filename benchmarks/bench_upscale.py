@@ -105,7 +105,7 @@ def as_batch(image):
 
 
 def to_uint8(image):
-    return (image[0] * 255).round().clamp(0, 255).to(torch.uint8).cpu()
+    return tc.quantise(image[0]).cpu()
 
 
 def jpeg(image, quality):

@@ -55,9 +55,10 @@ def test_condition_use_gap_is_its_definition_on_a_toy_model():
     models = (ToyVAE(), toy_text_encoder, toy_unet, toy_controlnet)
     args = SimpleNamespace(resolution=8, interpolation="bicubic")  # conditions already at 8 px: enlarging is a no-op
     def gap_losses(models):
-        _, conditions = tc.model_inputs(holdout, args, torch.device("cpu"))
-        losses = tc.holdout_losses(models, scheduler, holdout, {"true": conditions, "rolled": conditions.roll(1, dims=0)},
-                                   torch.float32, torch.device("cpu"), seed=7)
+        pixel_values, conditions = tc.model_inputs(holdout, args, torch.device("cpu"))
+        losses = tc.holdout_losses(models, scheduler, pixel_values, holdout["input_ids"],
+                                   {"true": conditions, "rolled": conditions.roll(1, dims=0)}, torch.float32,
+                                   torch.device("cpu"), seed=7)
         return losses["true"], losses["rolled"]
 
     true_loss, rolled_loss = gap_losses(models)
