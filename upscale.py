@@ -15,6 +15,7 @@ result is the input).
 """
 
 import argparse
+import collections
 import logging
 import math
 import os
@@ -66,7 +67,7 @@ def parse_args(input_args=None):
         type=str,
         required=True,
         help="An image path (its extension picks the format) for one input, or a folder (created if missing) where"
-        " each input NAME.ext is written as NAME.png.",
+        " each input NAME.ext is written as NAME.png (NAME.ext.png where two inputs share NAME). Never an input.",
     )
     parser.add_argument(
         "--scale",
@@ -207,6 +208,10 @@ def check_args(args):
     problem = output_problem(args.output if folder else args.jobs[0][1], folder)
     if problem:
         fail(f"--output: {problem}")
+    inputs = {os.path.realpath(i): i for i, _ in args.jobs}
+    overwritten = next((o for _, o in args.jobs if os.path.realpath(o) in inputs), None)
+    if overwritten:
+        fail(f"--output: {overwritten} would overwrite the input {inputs[os.path.realpath(overwritten)]}")
 
 
 def resolve_controlnet(name):
@@ -246,7 +251,9 @@ def list_jobs(input_path, output_path):
     names = sorted(n for n in os.listdir(input_path)
                    if not n.startswith(".") and os.path.splitext(n)[1].lower() in extensions
                    and os.path.isfile(os.path.join(input_path, n)))
-    return [(os.path.join(input_path, n), os.path.join(output_path, stem(n) + ".png")) for n in names]
+    stems = collections.Counter(stem(n) for n in names)  # a.jpg and a.png must not both become a.png
+    return [(os.path.join(input_path, n), os.path.join(output_path, (stem(n) if stems[stem(n)] == 1 else n) + ".png"))
+            for n in names]
 
 
 def stem(path):

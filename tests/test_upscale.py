@@ -126,6 +126,15 @@ def test_folder_mode_skips_unreadable_files(tiny_model, controlnet_dir, tmp_path
     assert "skipped 1 of 3 file(s) that could not be upscaled: broken.png" in capsys.readouterr().out
 
 
+def test_folder_mode_keeps_inputs_that_share_a_name_apart(tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name in ("a.png", "a.jpg", "b.webp"):
+        write_image(folder / name, 9, 7)
+    jobs = up.list_jobs(str(folder), str(tmp_path / "out"))
+    assert sorted(os.path.basename(o) for _, o in jobs) == ["a.jpg.png", "a.png.png", "b.png"]
+
+
 def test_checkpoint_folder_and_old_folder_without_tile_config(tiny_model, controlnet_dir, photo, tmp_path, caplog):
     checkpoint = tmp_path / "run" / "checkpoint-5"
     shutil.copytree(controlnet_dir, checkpoint / "controlnet")
@@ -293,6 +302,9 @@ BAD_INPUTS = {
     "fp16 on cpu": (lambda d, t, c: {"--mixed_precision": "fp16"}, "needs a CUDA GPU"),
     "tile size": (lambda d, t, c: {"--tile_size": "60"}, "--tile_size must be a positive multiple of 8"),
     "tile overlap": (lambda d, t, c: {"--tile_overlap": "64"}, "--tile_overlap must be a multiple of 8 in [0, "),
+    "output is the input": (lambda d, t, c: {"--output": t / "in.png"}, "in.png would overwrite the input"),
+    "output folder is the input folder": (lambda d, t, c: {"--input": t, "--output": t},
+                                          "in.png would overwrite the input"),
 }
 
 
