@@ -130,6 +130,14 @@ def make_parser():
         " training device; needs a bilinear or bicubic --interpolation.",
     )
     parser.add_argument(
+        "--no_degradation_prob",
+        type=float,
+        default=0.0,
+        help="With a --condition_degradation, the share of samples that keep the clean condition (the target reduced"
+        " by its factor, nothing else): StableSR's no_degradation_prob (0.01 there), here a lever between fidelity to"
+        " clean inputs and robustness to degraded ones.",
+    )
+    parser.add_argument(
         "--train_shards_path_or_url",
         type=str,
         default=None,
@@ -388,6 +396,8 @@ def check_args(args, error):
               f" only {' and '.join(TORCH_FILTERS)} exist: use --interpolation=bicubic")
     if not 0 <= args.proportion_empty_prompts <= 1:
         error("--proportion_empty_prompts must be in the range [0, 1]")
+    if not 0 <= args.no_degradation_prob <= 1:
+        error("--no_degradation_prob must be in the range [0, 1]")
     if args.max_train_steps is None and args.max_train_samples is None:
         error("set --max_train_steps or --max_train_samples: a stream of shards has no length of its own")
     for name in ("train_batch_size", "gradient_accumulation_steps", "checkpointing_steps", "validation_steps",
@@ -783,9 +793,10 @@ def draw_degradation(preset, n, rng):
 
 def draw_degradation_groups(preset, factors, rng):
     """A batch's draws, one group per reduction factor (its images share a size): the indices of its images and
-    their draws, host tensors that the loader pins, so that they reach the device without a host sync."""
+    their draws, host tensors that the loader pins, so that they reach the device without a host sync. `factors`
+    holds each image's reduction factor, None for one that keeps its clean condition (--no_degradation_prob)."""
     groups = []
-    for factor in sorted(set(factors)):
+    for factor in sorted({f for f in factors if f is not None}):
         index = [i for i, f in enumerate(factors) if f == factor]
         groups.append({"factor": factor, "index": torch.tensor(index), "draws": draw_degradation(preset, len(index), rng)})
     return groups
@@ -924,10 +935,12 @@ def scaled(size, factor):
     return tuple(max(1, round(side * factor)) for side in size)
 
 
-def degraded_conditions(targets, groups, resolution, generator=None):
+def degraded_conditions(targets, groups, resolution, generator=None, clean=None):
     """uint8 targets on the training device -> their degraded low-resolution images, a list (the sizes differ with
-    the factor): one batched degrade per group of draw_degradation_groups."""
-    conditions = [None] * targets.shape[0]
+    the factor): one batched degrade per group of draw_degradation_groups. `clean` holds the conditions the workers
+    made for the images in no group (None for the others); they join the list on the same device."""
+    clean = clean if clean is not None else [None] * targets.shape[0]
+    conditions = [c if c is None else c.to(targets.device, non_blocking=True) for c in clean]
     for group in groups:
         images = targets.index_select(0, group["index"].to(targets.device, non_blocking=True)).float() / 255
         small = degrade(images, condition_size(resolution, group["factor"]), to_device(group["draws"], targets.device),
@@ -989,7 +1002,7 @@ def make_tile_pair(sample, tokenizer, args, rng=None):
 
     `rng` draws the crop, the caption drop and the reduction factor; without it the crop is centred, the caption
     kept and the condition made by the clean recipe (held-out data). With a --condition_degradation the condition is
-    made later, on the training device (model_inputs), and is None here.
+    made later, on the training device (model_inputs), and is None here, except for the --no_degradation_prob share.
     """
     image_key = next((k for k in IMAGE_KEYS if k in sample), None)
     if image_key is None:
@@ -1005,7 +1018,10 @@ def make_tile_pair(sample, tokenizer, args, rng=None):
     target = square_crop(decode_image(sample[image_key], meta, args), args.resolution, args.interpolation, rng=rng)
     factor = draw_condition_scale(args, rng)
     condition = None  # enlarged in model_inputs, where a degraded one is made
-    if rng is None or args.condition_degradation == "none":
+    degraded = rng is not None and args.condition_degradation != "none"
+    if degraded and args.no_degradation_prob > 0:  # drawn only when asked for: the default stream stays as it was
+        degraded = rng.random() >= args.no_degradation_prob
+    if not degraded:
         condition = resize(target, condition_size(args.resolution, factor), args.interpolation)
     input_ids = tokenizer(
         caption, max_length=tokenizer.model_max_length, padding="max_length", truncation=True, return_tensors="pt"
@@ -1028,7 +1044,7 @@ def model_inputs(batch, args, device):
     target = batch["pixel_values"].to(device, non_blocking=True)
     conditions = batch["conditioning_pixel_values"]
     if batch.get("degradation") is not None:
-        conditions = degraded_conditions(target, batch["degradation"], args.resolution)
+        conditions = degraded_conditions(target, batch["degradation"], args.resolution, clean=conditions)
     return target.float() / 127.5 - 1, enlarge_condition(conditions, args.resolution, args.interpolation, device)
 
 
@@ -1159,9 +1175,14 @@ def batches_of(samples, size):
 
 
 def with_degradation_draws(batches, preset, rng):
-    """Each batch with its --condition_degradation draws (None for 'none'): the worker draws, the device degrades."""
+    """Each batch with its --condition_degradation draws for the images that make_tile_pair left without a condition
+    (None where there is none: the preset 'none', or every image kept clean): the worker draws, the device degrades."""
     for batch in batches:
-        batch["degradation"] = None if preset == "none" else draw_degradation_groups(preset, batch["condition_scales"], rng)
+        conditions = batch["conditioning_pixel_values"]
+        pending = [None if torch.is_tensor(conditions) or conditions[i] is not None else factor
+                   for i, factor in enumerate(batch["condition_scales"])]
+        batch["degradation"] = (draw_degradation_groups(preset, pending, rng)
+                                if any(f is not None for f in pending) else None)
         yield batch
 
 
@@ -1474,6 +1495,7 @@ def tile_config(args):
         "interpolation": args.interpolation,
         "condition_scales": args.condition_scales or [clean_scale(args)],
         "condition_degradation": args.condition_degradation,
+        "no_degradation_prob": args.no_degradation_prob,
     }
 
 

@@ -46,6 +46,7 @@ def test_help_lists_every_reference_flag():
         (["--condition_scales", "4", "0.5"], "--condition_scales: 0.5 is below 1"),
         (["--condition_scales", "600"], "--condition_scales: 600 reduces --resolution=256 to less than 1 pixel"),
         (["--condition_degradation=jpeg"], "argument --condition_degradation: invalid choice: 'jpeg'"),
+        (["--no_degradation_prob=1.5"], "--no_degradation_prob must be in the range [0, 1]"),
         (["--condition_degradation=realesrgan", "--interpolation=lanczos"],
          "--condition_degradation=realesrgan makes conditions on the training device"),
     ],

@@ -209,6 +209,47 @@ def test_degraded_batches_come_from_the_workers_as_draws(shards, tokenizer):
     assert saved["condition_scales"] == [2.0, 4.0, 8.0] and saved["condition_degradation"] == "realesrgan"
 
 
+def test_a_clean_share_keeps_the_clean_condition_and_degrades_the_rest(shards, tokenizer):
+    """--no_degradation_prob: that share of the samples gets today's condition at its drawn factor, the others are
+    degraded on the device, in one batch; 0 leaves the degraded stream exactly as without the flag."""
+    raw = samples(shards, 16)
+
+    def loader_batch(*flags):
+        args, rng = recipe_args("--condition_scales", "2", "4", "--condition_degradation=realesrgan", *flags), random.Random(0)
+        pairs = [tc.make_tile_pair(s, tokenizer, args, rng=rng) for s in raw]
+        return args, next(tc.with_degradation_draws([tc.collate_fn(pairs)], args.condition_degradation, rng)), rng.random()
+
+    args, batch, next_draw = loader_batch("--no_degradation_prob=0.5")
+    clean = [i for i, c in enumerate(batch["conditioning_pixel_values"]) if c is not None]
+    assert 0 < len(clean) < 16, clean  # measured: 8 of 16
+    for i in clean:  # today's condition at the drawn factor
+        size = tc.condition_size(RES, batch["condition_scales"][i])
+        assert torch.equal(batch["conditioning_pixel_values"][i], tc.resize(batch["pixel_values"][i], size, "bicubic"))
+    degraded = sorted(i for g in batch["degradation"] for i in g["index"].tolist())
+    assert degraded == [i for i in range(16) if i not in clean]
+    torch.manual_seed(0)
+    _, conditions = tc.model_inputs(batch, args, CPU)
+    for i in clean:
+        alone = tc.enlarge_condition(batch["conditioning_pixel_values"][i][None], RES, "bicubic")[0]
+        assert torch.equal(conditions[i], alone)
+    assert tc.tile_config(args)["no_degradation_prob"] == 0.5
+
+    _, everything_clean, _ = loader_batch("--no_degradation_prob=1")
+    assert everything_clean["degradation"] is None
+    _, default, default_next = loader_batch()
+    _, zero, zero_next = loader_batch("--no_degradation_prob=0")
+    assert zero_next == default_next and same(zero["degradation"], default["degradation"])
+
+
+def same(a, b):
+    """Nested draws (lists, dicts, tensors, plain values) equal to the last element."""
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    return torch.equal(a, b) if torch.is_tensor(a) else a == b
+
+
 def test_held_out_variants_are_degraded_reductions(shards, tokenizer):
     args = recipe_args()
     targets = torch.stack([tc.make_tile_pair(s, tokenizer, args)["pixel_values"] for s in samples(shards, 4)])

@@ -83,16 +83,24 @@ def test_model_inputs_reach_the_device_without_a_round_trip(interpolation):
     assert condition.dtype == target.dtype == torch.float32
 
 
+RECIPE_ARGS = ["--resolution=64", "--condition_resolution=16", "--condition_scales", "2", "4", "8",
+               "--condition_degradation=realesrgan", "--no_degradation_prob=0.25"]
+
+
+def degraded_batch(seed):
+    """A batch as the loader hands it over with RECIPE_ARGS: images 0-2 to degrade on the device at factors 2, 8
+    and 4, image 3 kept clean (--no_degradation_prob) with the 16-px condition a worker made on the host."""
+    factors = [2.0, 8.0, 4.0, 4.0]
+    return {"pixel_values": torch.randint(0, 256, (4, 3, 64, 64), dtype=torch.uint8),
+            "conditioning_pixel_values": [None, None, None, torch.randint(0, 256, (3, 16, 16), dtype=torch.uint8)],
+            "condition_scales": factors,
+            "degradation": tc.draw_degradation_groups("realesrgan", factors[:3] + [None], random.Random(seed))}
+
+
 def test_degraded_conditions_are_made_on_the_device():
-    """--condition_degradation's steps (blur, resize, noise, JPEG) and the enlargement, all on meta: the draws come
-    from the host, nothing goes back to it."""
-    args = tc.make_parser().parse_args(["--resolution=64", "--condition_resolution=16", "--condition_scales", "2", "4",
-                                        "8", "--condition_degradation=realesrgan"])
-    factors = [2.0, 4.0, 8.0, 4.0]
-    batch = {"pixel_values": torch.randint(0, 256, (4, 3, 64, 64), dtype=torch.uint8),
-             "conditioning_pixel_values": [None] * 4, "condition_scales": factors,
-             "degradation": tc.draw_degradation_groups("realesrgan", factors, random.Random(0))}
-    target, condition = tc.model_inputs(batch, args, META)
+    """--condition_degradation's steps (blur, resize, noise, JPEG) and the enlargement, all on meta, with a clean
+    condition from the host in the same batch: the draws come from the host, nothing goes back to it."""
+    target, condition = tc.model_inputs(degraded_batch(0), tc.make_parser().parse_args(RECIPE_ARGS), META)
     assert condition.device == META and condition.shape == (4, 3, 64, 64) and condition.dtype == torch.float32
 
 
@@ -115,19 +123,13 @@ class HostToDeviceCopies(TorchDispatchMode):
 
 def test_degraded_conditions_copy_to_the_device_without_waiting():
     """Every host tensor the degradation needs reaches the device in a non-blocking copy of what the loader pinned:
-    the draws and the groups' indices. Its constants are copied once per device, not once per step."""
-    args = tc.make_parser().parse_args(["--resolution=64", "--condition_resolution=16", "--condition_scales", "2", "4",
-                                        "8", "--condition_degradation=realesrgan"])
-    factors = [2.0, 4.0, 8.0, 4.0]
-
-    def batch(seed):
-        return {"pixel_values": torch.randint(0, 256, (4, 3, 64, 64), dtype=torch.uint8),
-                "conditioning_pixel_values": [None] * 4, "condition_scales": factors,
-                "degradation": tc.draw_degradation_groups("realesrgan", factors, random.Random(seed))}
-
-    tc.model_inputs(batch(0), args, META)  # the first step copies the constants
+    the draws, the groups' indices and the clean conditions. Its constants are copied once per device, not once per
+    step."""
+    args = tc.make_parser().parse_args(RECIPE_ARGS)
+    tc.model_inputs(degraded_batch(0), args, META)  # the first step copies the constants
     with HostToDeviceCopies() as recorder:
-        tc.model_inputs(batch(1), args, META)
+        tc.model_inputs(degraded_batch(1), args, META)
+    assert (3, 16, 16) in [shape for shape, _ in recorder.copies]  # the clean condition
     assert recorder.copies, "no host-to-device copy recorded: the recorder is blind"
     waiting = [shape for shape, non_blocking in recorder.copies if not non_blocking]
     assert not waiting, f"blocking host-to-device copies of shapes {waiting}"
