@@ -242,7 +242,7 @@ def test_a_clean_share_keeps_the_clean_condition_and_degrades_the_rest(shards, t
 
 
 def same(a, b):
-    """Nested draws (lists, dicts, tensors, plain values) equal to the last element."""
+    """Whether two nested draws (lists, dicts, tensors, plain values) are equal in every element."""
     if isinstance(a, (list, tuple)):
         return type(a) is type(b) and len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
     if isinstance(a, dict):

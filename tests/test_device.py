@@ -129,8 +129,8 @@ def test_degraded_conditions_copy_to_the_device_without_waiting():
     tc.model_inputs(degraded_batch(0), args, META)  # the first step copies the constants
     with HostToDeviceCopies() as recorder:
         tc.model_inputs(degraded_batch(1), args, META)
-    assert (3, 16, 16) in [shape for shape, _ in recorder.copies]  # the clean condition
     assert recorder.copies, "no host-to-device copy recorded: the recorder is blind"
+    assert (3, 16, 16) in [shape for shape, _ in recorder.copies]  # the clean condition
     waiting = [shape for shape, non_blocking in recorder.copies if not non_blocking]
     assert not waiting, f"blocking host-to-device copies of shapes {waiting}"
 
