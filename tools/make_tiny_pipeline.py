@@ -515,7 +515,11 @@ def train_base(output_dir, vae_minutes=4, unet_minutes=4, seed=0, vae_steps=None
     torch.manual_seed(seed)
     start = time.monotonic()
     if vae_from:
-        pipe.register_modules(vae=AutoencoderKL.from_pretrained(vae_from, subfolder="vae").eval())
+        # Into this pipeline's own VAE (same builder, so the same shape): the saved config stays this builder's.
+        trained_vae = AutoencoderKL.from_pretrained(vae_from, subfolder="vae")
+        pipe.vae.load_state_dict(trained_vae.state_dict())
+        pipe.vae.register_to_config(scaling_factor=trained_vae.config.scaling_factor)
+        pipe.vae.eval()
         print(f"VAE: {vae_from}'s, held-out PSNR {vae_psnr(pipe.vae, held_out):.2f} dB, "
               f"scaling_factor {pipe.vae.config.scaling_factor}")
     else:
