@@ -86,8 +86,9 @@ def memory_rows(models):
     weights = sum(b for _, _, b in frozen) + module_bytes(controlnet, torch.float32)
     rows = {}
     for name, (states, temporaries) in optimizer_bytes(sizes).items():
-        rows[name] = dict(weights=weights, gradients=fp32_blocks(sizes), states=states, temporaries=temporaries)
-        rows[name]["total"] = sum(rows[name].values())
+        rows[name] = dict(weights=weights, gradients=fp32_blocks(sizes), states=states)
+        rows[name]["resident"] = sum(rows[name].values())
+        rows[name]["temporaries"] = temporaries
     return frozen, sum(sizes), rows
 
 
@@ -102,9 +103,14 @@ def gib(nbytes):
     return f"{nbytes / GIB:7.2f}"
 
 
-def card_column(total, card_gib):
-    left = card_gib * GIB - total
-    return f"fits, {left / GIB:5.2f} left" if left > 0 else f"NO, {-left / GIB:5.2f} over"
+def card_column(row, card_gib):
+    """The activations peak in forward/backward, beside the resident memory; the step's temporaries come after
+    backward has freed them, so they need room only beside the resident memory."""
+    card = card_gib * GIB
+    if row["resident"] + row["temporaries"] > card:
+        over = row["resident"] + row["temporaries"] - card
+        return f"NO: {over / GIB:.2f} over" + (" at the step" if row["resident"] < card else "")
+    return f"{(card - row['resident']) / GIB:.2f} left"
 
 
 def format_table(shape, models):
@@ -113,15 +119,17 @@ def format_table(shape, models):
              "| module | params | GiB |", "| --- | ---: | ---: |"]
     lines += [f"| {name} frozen | {params:,} | {gib(nbytes).strip()} |" for name, params, nbytes in frozen]
     lines += [f"| ControlNet (fp32, trainable) | {trainable:,} | {gib(module_bytes(models['controlnet'], torch.float32)).strip()} |",
-              "", "| optimizer | weights | gradients | optimizer states | step temporaries | total | "
+              "", "| optimizer | weights | gradients | optimizer states | resident | + at the step | "
               + " | ".join(f"{c} GiB card: left for activations" for c in CARDS_GIB) + " |",
-              "| --- | ---: | ---: | ---: | ---: | ---: | " + " | ".join("---" for _ in CARDS_GIB) + " |"]
+              "| --- | ---: | ---: | ---: | ---: | ---: | " + " | ".join("---:" for _ in CARDS_GIB) + " |"]
     for name, r in rows.items():
-        lines.append(f"| {name} | {gib(r['weights']).strip()} | {gib(r['gradients']).strip()} | "
-                     f"{gib(r['states']).strip()} | {gib(r['temporaries']).strip()} | {gib(r['total']).strip()} | "
-                     + " | ".join(card_column(r["total"], c) for c in CARDS_GIB) + " |")
-    lines += ["", f"- activations (batch and resolution dependent), CUDA context, allocator fragmentation: "
-                  f"measured on GPU: pending",
+        lines.append(f"| {name} | " + " | ".join(gib(r[k]).strip() for k in
+                                                  ("weights", "gradients", "states", "resident", "temporaries"))
+                     + " | " + " | ".join(card_column(r, c) for c in CARDS_GIB) + " |")
+    lines += ["", "- resident: held from the first optimizer step on (the gradients too: the trainer zeroes them "
+                  "in place unless --set_grads_to_none); + at the step: the optimizer's temporaries, after backward",
+              f"- activations (batch and resolution dependent), CUDA context, allocator fragmentation: "
+              f"measured on GPU: pending",
               f"- of them, autocast's fp16 copies of the ControlNet's conv/linear weights held for backward: at most "
               f"{gib(autocast_copies(models['controlnet'])).strip()} GiB",
               f"- DDP (more than one GPU) adds its gradient buckets (gradient_as_bucket_view=False, accelerate's "
