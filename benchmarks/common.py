@@ -10,7 +10,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tools")]
+sys.path[:0] = [str(ROOT), str(ROOT / "tools"), str(ROOT / "benchmarks")]
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
@@ -35,27 +35,19 @@ def tiny_models(model_dir):
 
 
 def sd1_models(text_layers=12, vae_sample_size=256):
-    """Randomly initialised miniSD / SD-1.x shapes: UNet2DConditionModel defaults with cross_attention_dim 768,
-    the SD VAE, and a CLIP-L-shaped text encoder (hidden 768, 12 heads; `text_layers` of CLIP-L's 12).
-    The tokenizer is the tiny pipeline's offline BPE one: its ids fit CLIP-L's vocabulary; prompts stay 77 tokens."""
-    from diffusers import AutoencoderKL, ControlNetModel, DDPMScheduler, UNet2DConditionModel
+    """Randomly initialised miniSD / SD-1.x shapes (shapes.py: UNet2DConditionModel defaults with
+    cross_attention_dim 768, the SD VAE, a CLIP-L-shaped text encoder with `text_layers` of CLIP-L's 12), in the
+    trainer's load_models order. The tokenizer is the tiny pipeline's offline BPE one: its ids fit CLIP-L's
+    vocabulary; prompts stay 77 tokens."""
+    from diffusers import DDPMScheduler
     from make_tiny_pipeline import build_tokenizer
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from shapes import build
 
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(sample_size=32, cross_attention_dim=768)  # (320, 640, 1280, 1280), heads 8
-    vae = AutoencoderKL(
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
-        sample_size=vae_sample_size, scaling_factor=0.18215,
-    )
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=text_layers,
-        num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768,
-    )).eval()
+    models = build("sd1", text_layers=text_layers, vae_sample_size=vae_sample_size)
     scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                               beta_schedule="scaled_linear", clip_sample=False)
-    return (scheduler, text_encoder, vae, unet, ControlNetModel.from_unet(unet)), build_tokenizer()
+    return (scheduler, models["text_encoders"][0], models["vae"], models["unet"], models["controlnet"]), build_tokenizer()
 
 
 def setup(models, tokenizer, accelerator, args):
