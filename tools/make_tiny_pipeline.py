@@ -22,8 +22,8 @@ scikit-image photos, so that a ControlNet trained on top visibly follows its con
 
 The random pipeline predicts the family's objective; the trained one predicts v (SD 2.x's objective) unless told
 otherwise, because at 8x8 latents epsilon-prediction leaves the low frequencies, which are what a tile condition
-carries, almost unweighted at the high noise levels where sampling decides them (README: "Why its UNet predicts
-v, not epsilon").
+carries, almost unweighted at the high noise levels where sampling decides them (docs/quickstart-evidence.md,
+"Why its UNet predicts v, not epsilon").
 
 The two shipped trained bases, remade exactly (step budgets, one thread; the machine's load changes only the time),
 and compared with the shipped ones:
