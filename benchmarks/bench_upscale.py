@@ -89,6 +89,9 @@ def parse_args():
     parser.add_argument("--peer_tile", type=int, default=None, help="Its tile in px (default: upscale.py's tile).")
     parser.add_argument("--peer_padding", type=int, default=32, help="Its context around each tile, px.")
     parser.add_argument("--peer_mask_blur", type=float, default=8, help="Its mask feathering (Gaussian radius, px).")
+    parser.add_argument("--frame_check", action="store_true",
+                        help="Only the border check: a smooth 40x28 gradient upscaled 4x, the mean step between the"
+                        " two outermost rows and columns over the median step, with and without the tile margin.")
     parser.add_argument("--guidance_scale", type=float, default=1.0)
     parser.add_argument("--tile_overlap", type=int, default=None, help="Pixels; upscale.py's default if unset.")
     parser.add_argument("--batch_size", type=int, default=8, help="Tiles per forward pass.")
@@ -416,6 +419,52 @@ def benchmark_model(bench, controlnet, hr):
     return results, default
 
 
+def gradient(width=40, height=28):
+    """A smooth RGB gradient (red across, green down, blue against red): any frame or seam stands out on it."""
+    x, y = torch.linspace(0, 1, width), torch.linspace(0, 1, height)
+    rgb = torch.stack([x[None, :].expand(height, -1), y[:, None].expand(-1, width), 1 - x[None, :].expand(height, -1)])
+    return tc.tensor_to_image(rgb)
+
+
+def frame_steps(image):
+    """uint8 CHW -> (last rows, first rows, first columns, last columns): the mean |step| between the two outermost
+    lines over the median step between all lines, per side."""
+    image = image.float()
+    rows = image.diff(dim=-2).abs().mean((0, 2))
+    cols = image.diff(dim=-1).abs().mean((0, 1))
+    return rows[-1] / rows.median(), rows[0] / rows.median(), cols[0] / cols.median(), cols[-1] / cols.median()
+
+
+def frame_check(bench, controlnet):
+    """The border of a smooth gradient upscaled 4x: with the tile margin (upscale.TILE_MARGIN) and without (the
+    decoder's zero padding at the canvas edge), at strength 1 and --strength, per colour fix; bicubic beside."""
+    flags = ["--pretrained_model_name_or_path", bench.base, "--controlnet_model_name_or_path", controlnet,
+             "--input", held_out_photo(), "--output", os.path.join(tempfile.gettempdir(), "bench_upscale.png"),
+             "--num_inference_steps", str(bench.steps), "--batch_size", str(bench.batch_size)]
+    flags += ["--device", bench.device] if bench.device else []
+    args = up.parse_args(flags)
+    pipe = up.load_pipeline(args)
+    pipe.set_progress_bar_config(disable=True)
+    small = gradient()
+    size = (small.height * int(args.scale), small.width * int(args.scale))
+    print(f"\nframe: {small.width}x{small.height} gradient -> {size[1]}x{size[0]}; mean step between the two"
+          " outermost rows/columns over the median step (last row, first row, first column, last column)")
+    bicubic = tc.resize(tc.image_to_tensor(small), size, "bicubic")
+    print(f"  {'bicubic':<40} " + " ".join(f"{v:6.2f}" for v in frame_steps(bicubic)))
+    low_res = tc.image_to_tensor(small)[None].float() / 255
+    margin = up.TILE_MARGIN
+    for strength in (1.0, bench.strength):
+        for tile_margin in (0, margin):
+            up.TILE_MARGIN, args.strength = tile_margin, strength
+            result, condition = up.generate(pipe, small, args)
+            for fix in up.COLOR_FIXES:
+                args.color_fix = fix
+                fixed = to_uint8(up.color_fix(result, condition, low_res.to(result.device), args))
+                label = f"S={strength:g}, margin {tile_margin}, {fix}"
+                print(f"  {label:<40} " + " ".join(f"{v:6.2f}" for v in frame_steps(fixed)))
+    up.TILE_MARGIN = margin
+
+
 def print_comparison(labels, all_results, fixes):
     """One line per variant: PSNR (consistency) of the baselines and of every model with its default colour fix;
     then the means over the degraded variants for every colour fix."""
@@ -452,6 +501,8 @@ def main():
     if len(labels) != len(bench.controlnet):
         raise SystemExit("error: give one --label per --controlnet")
     tc.DropNotices.install(xformers_requested=False)
+    if bench.frame_check:
+        return frame_check(bench, bench.controlnet[0])
     hr = hr_image(bench.hr_width)
     print(f"held-out photo {held_out_photo()} -> HR {hr.shape[2]}x{hr.shape[1]}; grid of the ground truth at x8:"
           f" {grid_peak(hr, 8):.3f}")
