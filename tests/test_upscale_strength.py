@@ -136,17 +136,21 @@ def test_tiled_round_trip_has_no_frame_and_no_seam(trained_pipeline):
 
 
 def test_init_image_is_honoured(trained_pipeline, photo):
-    """At low strength the result keeps the start image: from a mirrored start it is far nearer the mirror."""
+    """At low strength the result keeps the start image: from the photo's negative it is far nearer the negative
+    than the plain run (which starts from the condition) is, and the plain run far nearer the condition."""
+    from PIL import ImageOps
+
     pipe, make_args = trained_pipeline
-    image = Image.open(photo).resize((24, 20))
+    image = Image.open(photo).convert("RGB").resize((24, 20))
     args = make_args("--strength", "0.25", "--num_inference_steps", "4")
-    mirrored = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT).resize((image.width * 4, image.height * 4))
+    negative = ImageOps.invert(image).resize((96, 80))
     plain, condition = up.generate(pipe, image, args)
-    started, _ = up.generate(pipe, image, args, mirrored)
-    target = tc.image_to_tensor(mirrored)[None].float() / 255
-    # Measured: 0.10 against 0.19 (the VAE's round trip alone is ~0.07 away); nearer the plain start's condition.
-    assert (started - target).abs().mean() < 0.75 * (plain - target).abs().mean()
-    assert (plain - condition).abs().mean() < 0.75 * (started - condition).abs().mean()
+    started, _ = up.generate(pipe, image, args, negative)
+    target = tc.image_to_tensor(negative)[None].float() / 255
+    near, far = (started - target).abs().mean().item(), (plain - target).abs().mean().item()
+    assert near < 0.5 * far, (near, far)
+    near, far = (plain - condition).abs().mean().item(), (started - condition).abs().mean().item()
+    assert near < 0.5 * far, (near, far)
 
 
 def test_non_finite_tile_decode_is_redone_in_float32(pipeline, caplog, monkeypatch):
