@@ -42,8 +42,8 @@ LATENT_FACTOR = 8  # SD VAEs downsample by 8; the trainer's --resolution is a mu
 WAVELET_LEVELS = 5  # StableSR's wavelet colour fix: blurs with dilation 1, 2, 4, 8, 16
 BACKPROJECTION_STEPS = 5  # each step multiplies the error of the result's reduction by ~0.4 (measured: 33 -> 48 dB)
 # Latent cells of context each side of a tile when it is encoded or decoded: real neighbours inside the canvas, a
-# reflection of the canvas outside it. A decoder's zero padding at the canvas edge drew a frame (a border row stepping
-# 13-19 grey levels on a smooth gradient whose interior steps 0.8); one cell of margin leaves 2x, two leave none.
+# reflection of the canvas outside it. Without it the decoder's zero padding at the canvas edge draws a frame (border
+# rows stepping 13-19 grey levels on a smooth gradient whose interior steps 0.8); one cell leaves 2x, two leave none.
 TILE_MARGIN = 2
 # diffusers' classes and settings per --scheduler, all built from the base's own scheduler config (its betas,
 # prediction type, timestep spacing). DPMSolverSDEScheduler needs torchsde, which is not a requirement.
@@ -55,7 +55,7 @@ SCHEDULERS = {
     "dpmpp_2m": ("DPMSolverMultistepScheduler", {}),
     "dpmpp_2m_sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
 }
-DEFAULT_STRENGTH = 0.35
+DEFAULT_STRENGTH = 0.35  # why: --strength's help, measured by benchmarks/bench_upscale.py
 SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
 
 
