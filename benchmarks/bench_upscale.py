@@ -6,6 +6,8 @@ lanczos enlargement, on a held-out photo, for the trainer's own reduction and fo
         [--strength 0.35] [--strengths 0.2 0.35 0.5 0.75 1] [--schedulers unipc ddim ...] [--no_peer]
         [--guidance_scale 1] [--tile_overlap PX] [--device cpu] [--mixed_precision no] [--hr_width 256]
         [--figure docs/upscale-example.png] [--strength_figure docs/upscale-strength-example.png]
+    python benchmarks/bench_upscale.py --controlnet quickstart/controlnet-tile --frame_check
+    python benchmarks/bench_upscale.py --controlnet quickstart/controlnet-tile --speed_against COMMIT
 
 Held-out photo: matplotlib's sample `grace_hopper.jpg` (512x600, installed with matplotlib, a dev requirement). The
 training shards (tools/make_shards.py) and the shipped base's training crops (tools/make_tiny_pipeline.py --trained,
@@ -92,6 +94,9 @@ def parse_args():
     parser.add_argument("--frame_check", action="store_true",
                         help="Only the border check: a smooth 40x28 gradient upscaled 4x, the mean step between the"
                         " two outermost rows and columns over the median step, with and without the tile margin.")
+    parser.add_argument("--speed_against", default=None, metavar="COMMIT",
+                        help="Only the speed check: upscale.py of this git commit (e.g. one from before --strength)"
+                        " against the current one at --strength 1 and at --strength, alternated, best of 3.")
     parser.add_argument("--guidance_scale", type=float, default=1.0)
     parser.add_argument("--tile_overlap", type=int, default=None, help="Pixels; upscale.py's default if unset.")
     parser.add_argument("--batch_size", type=int, default=8, help="Tiles per forward pass.")
@@ -465,6 +470,46 @@ def frame_check(bench, controlnet):
     up.TILE_MARGIN = margin
 
 
+def speed_check(bench, controlnet, commit):
+    """s/MP of `generate` in upscale.py as of `commit` and in the current one (strength 1 and --strength), on the
+    same loaded pipeline, the runs alternated three times, best of three: ratios that hold on a busy machine."""
+    import importlib.util
+    import subprocess
+
+    source = subprocess.run(["git", "show", f"{commit}:upscale.py"], cwd=ROOT, capture_output=True, text=True,
+                            check=True).stdout
+    path = os.path.join(tempfile.mkdtemp(), "upscale_then.py")
+    with open(path, "w") as f:
+        f.write(source)
+    spec = importlib.util.spec_from_file_location("upscale_then", path)
+    then = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(then)
+    hr = hr_image(bench.hr_width)
+    flags = ["--pretrained_model_name_or_path", bench.base, "--controlnet_model_name_or_path", controlnet,
+             "--input", held_out_photo(), "--output", os.path.join(tempfile.gettempdir(), "bench_upscale.png"),
+             "--num_inference_steps", str(bench.steps), "--batch_size", str(bench.batch_size)]
+    flags += ["--device", bench.device] if bench.device else []
+    args = up.parse_args(flags + ["--strength", "1"])
+    small = tc.tensor_to_image(reduce(hr, int(args.scale), args.tile_config["interpolation"]))
+    pipe = up.load_pipeline(args)
+    pipe.set_progress_bar_config(disable=True)
+    runs = {f"upscale.py of {commit}": lambda: then.generate(pipe, small, then.parse_args(flags)),
+            "--strength 1": lambda: up.generate(pipe, small, args),
+            f"--strength {bench.strength:g}": lambda: up.generate(pipe, small, up.parse_args(
+                flags + ["--strength", str(bench.strength)]))}
+    runs[f"--strength {bench.strength:g}"]()  # warm-up
+    seconds = {name: math.inf for name in runs}
+    for _ in range(3):
+        for name, run in runs.items():
+            seconds[name] = min(seconds[name], timed(run)[1])
+    megapixels = hr.shape[1] * hr.shape[2] / 1e6
+    first = seconds[f"upscale.py of {commit}"]
+    print(f"\nspeed: {small.width}x{small.height} -> {hr.shape[2]}x{hr.shape[1]}, {bench.steps} steps, best of 3")
+    print("| run | s/MP | ratio |\n|---|---|---|")
+    for name, value in seconds.items():
+        print(f"| {name} | {value / megapixels:.1f} | {value / first:.2f} |")
+
+
 def print_comparison(labels, all_results, fixes):
     """One line per variant: PSNR (consistency) of the baselines and of every model with its default colour fix;
     then the means over the degraded variants for every colour fix."""
@@ -503,6 +548,8 @@ def main():
     tc.DropNotices.install(xformers_requested=False)
     if bench.frame_check:
         return frame_check(bench, bench.controlnet[0])
+    if bench.speed_against:
+        return speed_check(bench, bench.controlnet[0], bench.speed_against)
     hr = hr_image(bench.hr_width)
     print(f"held-out photo {held_out_photo()} -> HR {hr.shape[2]}x{hr.shape[1]}; grid of the ground truth at x8:"
           f" {grid_peak(hr, 8):.3f}")
