@@ -618,7 +618,11 @@ def enlarge_condition(condition, size, interpolation, device=None):
         enlarged = [None] * len(condition)
         for shape in dict.fromkeys(c.shape for c in condition):
             index = [i for i, c in enumerate(condition) if c.shape == shape]
-            for i, e in zip(index, enlarge_condition(torch.stack([condition[i] for i in index]), size, interpolation, device)):
+            # Each condition is copied as the loader pinned it and stacked on the device: a stack on the host would
+            # be pageable memory again. (The PIL filters stack on the host, and pin what they make.)
+            group = [condition[i] if interpolation not in TORCH_FILTERS or device is None
+                     else condition[i].to(device, non_blocking=True) for i in index]
+            for i, e in zip(index, enlarge_condition(torch.stack(group), size, interpolation, device)):
                 enlarged[i] = e
         return torch.stack(enlarged)
     device = condition.device if device is None else device
@@ -628,7 +632,14 @@ def enlarge_condition(condition, size, interpolation, device=None):
         return (enlarged / 255).clamp(0, 1)
     if condition.device.type != "cpu":
         raise ValueError(f"--interpolation={interpolation} enlarges on the CPU; got a {condition.device} tensor")
-    return (torch.stack([resize(c, size, interpolation) for c in condition]).float() / 255).to(device, non_blocking=True)
+    enlarged = pinned(torch.stack([resize(c, size, interpolation) for c in condition]), device)
+    return enlarged.to(device, non_blocking=True).float() / 255
+
+
+def pinned(tensor, device):
+    """A host tensor made on the way to a GPU, in pinned memory: a non_blocking copy from pageable memory is a
+    synchronous one (cudaMemcpyAsync stages it and waits)."""
+    return tensor.pin_memory() if torch.device(device).type == "cuda" else tensor
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1816,7 +1827,8 @@ def enable_xformers(models, device):
 
 class PromptEncoder:
     """The frozen text encoder, with the empty caption's states computed once: with --proportion_empty_prompts
-    those rows need no encoder pass. Token ids stay on the CPU until needed, so the check costs no device sync."""
+    those rows need no encoder pass. Which rows are empty is read from the token ids on the host, and the rows are
+    taken and put back in runs, by slicing: no index tensor crosses to the device (a blocking copy, a host sync)."""
 
     def __init__(self, text_encoder, tokenizer, device):
         self.text_encoder, self.device = text_encoder, device
@@ -1827,15 +1839,22 @@ class PromptEncoder:
             self.empty_states = text_encoder(self.empty_ids.to(device), return_dict=False)[0]
 
     def __call__(self, input_ids):
-        empty = (input_ids == self.empty_ids).all(dim=1)
-        if not empty.any():
-            return self.text_encoder(input_ids.to(self.device, non_blocking=True), return_dict=False)[0]
-        states = self.empty_states.expand(len(input_ids), -1, -1).clone()
-        keep = (~empty).nonzero().squeeze(1)
-        if len(keep):
-            encoded = self.text_encoder(input_ids[keep].to(self.device, non_blocking=True), return_dict=False)[0]
-            states.index_copy_(0, keep.to(self.device), encoded)
-        return states
+        ids = input_ids.to(self.device, non_blocking=True)  # the loader's pinned batch
+        empty = (input_ids == self.empty_ids).all(dim=1).tolist()
+        if not any(empty):
+            return self.text_encoder(ids, return_dict=False)[0]
+        runs, start = [], 0  # (is empty, first row, rows) of each run of alike rows
+        for is_empty, rows in itertools.groupby(empty):
+            n = len(list(rows))
+            runs.append((is_empty, start, n))
+            start += n
+        kept = [ids[first:first + n] for is_empty, first, n in runs if not is_empty]
+        encoded = self.text_encoder(torch.cat(kept), return_dict=False)[0] if kept else None
+        parts, done = [], 0
+        for is_empty, first, n in runs:
+            parts.append(self.empty_states.expand(n, -1, -1) if is_empty else encoded[done:done + n])
+            done += 0 if is_empty else n
+        return torch.cat(parts)
 
 
 def load_tokenizer(args):
