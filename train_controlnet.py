@@ -1640,7 +1640,8 @@ def usable_checkpoints(output_dir, checksums=True):
 
 
 def resolve_checkpoint(spec, output_dir):
-    """--resume_from_checkpoint -> [(step, path)] to try in turn, newest first ([] for 'latest' with none usable).
+    """--resume_from_checkpoint -> the (step, path) to try in turn, newest first, lazily verified (none for 'latest'
+    with no usable checkpoint).
 
     'latest' gives every complete checkpoint, so that a load that fails anyway falls back to the next older one;
     incomplete, damaged or foreign ones are skipped with a warning. An explicit path (or checkpoint name in
