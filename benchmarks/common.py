@@ -63,19 +63,11 @@ def setup(models, tokenizer, accelerator, args):
     if args.gradient_checkpointing:
         controlnet.enable_gradient_checkpointing()
     if getattr(args, "channels_last", False):
-        for model in (unet, controlnet, vae):
-            model.to(memory_format=torch.channels_last)
+        tc.use_channels_last(unet, vae, controlnet, args)
     if getattr(args, "torch_compile", None):
         for model in (unet, controlnet):
             model.compile(backend=args.torch_compile)
-    if args.use_8bit_adam:
-        import bitsandbytes as bnb
-
-        optimizer_class = bnb.optim.AdamW8bit
-    else:
-        optimizer_class = torch.optim.AdamW
-    optimizer = optimizer_class(controlnet.parameters(), lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-                                weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+    optimizer = tc.make_optimizer(args, controlnet.parameters())
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps,
                                  num_training_steps=args.max_train_steps)
     controlnet, optimizer, lr_scheduler = accelerator.prepare(controlnet, optimizer, lr_scheduler)
