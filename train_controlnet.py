@@ -9,6 +9,7 @@ low-resolution inputs, reduced by factors drawn from `--condition_scales` and de
 """
 
 import argparse
+import atexit
 import collections
 import contextlib
 import gc
@@ -17,6 +18,7 @@ import itertools
 import json
 import logging
 import math
+import multiprocessing.util
 import os
 import queue
 import random
@@ -59,6 +61,7 @@ SHUFFLE_BUFFER = 1000  # raw (undecoded) samples per worker, ~30 MB for LAION jp
 READ_AHEAD = 16  # raw samples a shard's reading thread may hold ready for its consumer
 COMMAND_GRACE = 5  # seconds a `pipe:` command may take to exit once its tar has been read
 END_OF_SHARD = object()
+LIVE_READS = {}  # id -> source ({"url", "stream"}) of each shard this process is reading, for end_commands
 TILE_CONFIG = "tile_config.json"  # how a saved ControlNet's conditions were made, for upscale.py
 
 
@@ -1099,12 +1102,27 @@ def kill_tree(pid):
     """SIGKILL a process and its descendants (a `pipe:` shell and the commands it started)."""
     try:
         process = psutil.Process(pid)
+        process.suspend()  # a stopped shell starts nothing more while its commands are listed
         family = [*process.children(recursive=True), process]  # listed first: once the shell dies they move away
     except psutil.Error:
         return
     for member in family:
         with contextlib.suppress(psutil.Error):
             member.kill()
+
+
+def end_command(source):
+    if isinstance(source.get("stream"), Pipe):
+        kill_tree(source["stream"].proc.pid)
+
+
+def end_commands():
+    """At a process's exit: a `pipe:` command that stalled, or that no one reads any more, must not outlive it."""
+    for source in list(LIVE_READS.values()):
+        end_command(source)
+
+
+atexit.register(end_commands)  # the main process; dataloader workers register in survive_stop_signals
 
 
 def close_shard_stream(stream):
@@ -1163,6 +1181,7 @@ def read_shard(url, report=True, timeout=None):
     threading.Thread(target=shard_reader, args=(url, samples, errors, source, abandoned), daemon=True,
                      name=f"shard reader {url}").start()
     finished = stalled = False
+    LIVE_READS[id(source)] = source
     try:
         while not (finished or stalled):
             try:
@@ -1175,8 +1194,9 @@ def read_shard(url, report=True, timeout=None):
                 yield sample
     finally:
         abandoned.set()
-        if not finished and isinstance(source.get("stream"), Pipe):  # stalled, or its consumer stopped early
-            kill_tree(source["stream"].proc.pid)
+        LIVE_READS.pop(id(source), None)
+        if not finished:  # stalled, or its consumer stopped early
+            end_command(source)
     if (errors or stalled) and report and url not in BAD_SHARDS:
         BAD_SHARDS.add(url)
         if stalled:
@@ -2261,6 +2281,7 @@ def survive_stop_signals(worker_id):
     `pipe:` shards), a handled one is back to its default there."""
     for sig in STOP_SIGNALS:
         signal.signal(sig, lambda signum, frame: None)
+    multiprocessing.util.Finalize(None, end_commands, exitpriority=100)  # workers exit without atexit
 
 
 class DropNotices(logging.Filter):
