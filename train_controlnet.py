@@ -568,8 +568,8 @@ class SkipSample(Exception):
 # Counters of one process (the main process or one dataloader worker). Each batch carries a copy, so the training
 # process sums the latest copy of every worker and the ranks sum theirs at logging time.
 SKIP_REASONS = (
-    "missing_shard", "tar_error", "pipe_error", "stalled_shard", "no_image", "empty_image", "decode_error", "too_large", "too_small",
-    "filtered_min_size", "filtered_aspect", "filtered_watermark", "filtered_unsafe",
+    "missing_shard", "tar_error", "pipe_error", "stalled_shard", "no_image", "empty_image", "decode_error",
+    "too_large", "too_small", "filtered_min_size", "filtered_aspect", "filtered_watermark", "filtered_unsafe",
 )
 DATA_STATS = collections.Counter()
 BAD_SHARDS = set()  # shards this process has counted and named: once per run, however many passes read them
@@ -2048,7 +2048,8 @@ def compact_shards(shards):
     if shards is None:
         return None
     first = min((entry[0] for entry in shards.values()), default=0)
-    return {"pass": first, "shards": {u: list(e) for u, e in shards.items() if tuple(e[:3]) != (first, 0, False) or e[3]}}
+    started = {u: list(e) for u, e in shards.items() if tuple(e[:3]) != (first, 0, False) or e[3]}
+    return {"pass": first, "shards": started}
 
 
 def expand_shards(saved, urls):
@@ -2481,6 +2482,9 @@ def main(args):
     stop_requested.interrupt_stalls = accelerator.num_processes == 1
     first_step = global_step
 
+    def save_state(step):
+        save_checkpoint(accelerator, args, step, progress.state(accelerator), unwrap_model(controlnet))
+
     logger.info("***** Running training *****")
     logger.info(f"  Shards = {len(urls)}")
     logger.info(f"  Num Epochs = {args.num_train_epochs} of {num_update_steps_per_epoch} steps")
@@ -2529,7 +2533,7 @@ def main(args):
                 stopped_by = str(stop)
                 if global_step > first_step:
                     with meter.paused():
-                        save_checkpoint(accelerator, args, global_step, progress.state(accelerator), unwrap_model(controlnet))
+                        save_state(global_step)
                 stop_notice(stopped_by, global_step, saved=global_step > first_step, while_stalled=True)
                 break
             progress.update(batch)
@@ -2566,7 +2570,7 @@ def main(args):
             if checkpoint_due or validation_due:
                 with meter.paused():
                     if checkpoint_due:
-                        save_checkpoint(accelerator, args, global_step, progress.state(accelerator), unwrap_model(controlnet))
+                        save_state(global_step)
                     if accelerator.is_main_process and validation_due:
                         image_logs = validate(global_step, unwrap_model(controlnet))
                     accelerator.wait_for_everyone()  # so that no rank counts rank 0's validation as training time
