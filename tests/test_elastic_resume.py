@@ -112,7 +112,7 @@ def test_two_ranks_to_one_then_to_three_workers_repeat_nothing(tiny_model, shard
 
     # 1 rank x 3 workers from the 1 x 1 run's checkpoint-12, a stream that itself began from a dealt-out plan
     c = str(tmp_path / "c")
-    proc = run_cli(base_args(tiny_model, shards, c, max_train_steps=12 + 12, dataloader_num_workers=3,
+    proc = run_cli(base_args(tiny_model, shards, c, max_train_steps=12 + 6, dataloader_num_workers=3,
                              checkpointing_steps=100, logging_steps=6,
                              resume_from_checkpoint=os.path.join(a, "checkpoint-12")) + ["--save_sample_keys"],
                    cwd=tmp_path, env=env)
