@@ -12,6 +12,12 @@ each tile is predicted by the UNet and the ControlNet with its own crop of the c
 with smooth windows, and one scheduler step moves the whole canvas. The canvas is decoded in the same tiles, blended
 the same way, and a colour fix pulls the result back to the input (by default a back-projection: reduced again, the
 result is the input).
+
+The canvas starts, as every tile workflow starts (Ultimate SD Upscale's denoise, diffusers'
+StableDiffusionControlNetImg2ImgPipeline's strength, gradio_tile.py's denoise), from the enlarged image itself: its
+tiled VAE encoding noised to the timestep of --strength, and only the last int(strength x steps) steps run. The
+start image is the condition unless --init_image gives another (an SR model's output, say); --strength 1 starts from
+pure noise.
 """
 
 import argparse
@@ -24,6 +30,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch
 import torch.nn.functional as F
+import numpy as np
 from PIL import Image, ImageOps
 
 import train_controlnet as tc
@@ -34,9 +41,29 @@ COLOR_FIXES = ("none", "adain", "wavelet", "backprojection")
 LATENT_FACTOR = 8  # SD VAEs downsample by 8; the trainer's --resolution is a multiple of it for the same reason
 WAVELET_LEVELS = 5  # StableSR's wavelet colour fix: blurs with dilation 1, 2, 4, 8, 16
 BACKPROJECTION_STEPS = 5  # each step multiplies the error of the result's reduction by ~0.4 (measured: 33 -> 48 dB)
+# Latent cells of context each side of a tile when it is encoded or decoded: real neighbours inside the canvas, a
+# reflection of the canvas outside it. Without it the decoder's zero padding at the canvas edge draws a frame (border
+# rows stepping 13-19 grey levels on a smooth gradient whose interior steps 0.8); one cell leaves 2x, two leave none.
+TILE_MARGIN = 2
+# diffusers' classes and settings per --scheduler, all built from the base's own scheduler config (its betas,
+# prediction type, timestep spacing). DPMSolverSDEScheduler needs torchsde, which is not a requirement.
+SCHEDULERS = {
+    "unipc": ("UniPCMultistepScheduler", {}),
+    "ddim": ("DDIMScheduler", {}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_ancestral": ("EulerAncestralDiscreteScheduler", {}),
+    "dpmpp_2m": ("DPMSolverMultistepScheduler", {}),
+    "dpmpp_2m_sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
+}
+DEFAULT_STRENGTH = 0.35  # why: --strength's help, measured by benchmarks/bench_upscale.py
+SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
 
 
 class UnreadableImage(Exception):
+    pass
+
+
+class NonFiniteDecode(RuntimeError):
     pass
 
 
@@ -80,7 +107,40 @@ def parse_args(input_args=None):
     parser.add_argument(
         "--negative_prompt", type=str, default=None, help="Negative prompt; used when --guidance_scale > 1."
     )
-    parser.add_argument("--num_inference_steps", type=int, default=20, help="Denoising steps.")
+    parser.add_argument(
+        "--num_inference_steps",
+        type=int,
+        default=20,
+        help="Denoising steps of a full run; --strength below 1 runs the last int(strength x steps) of them.",
+    )
+    parser.add_argument(
+        "--strength",
+        type=float,
+        default=DEFAULT_STRENGTH,
+        help="How much of the diffusion the start image goes through, in (0, 1]: it is encoded, noised to that point"
+        " and denoised from there (diffusers' img2img strength, Ultimate SD Upscale's denoise). Low keeps the start"
+        " image's content and colours, 1 starts from pure noise and ignores it. Default %(default)s: on the"
+        " benchmark (benchmarks/bench_upscale.py) the result keeps the input as well as the VAE's own round trip does"
+        " (flat from 0.2 to 0.5, lower from 0.75 up) in about half the time of 1, and the model still redraws 7 of"
+        " 20 steps; Ultimate SD Upscale's users advise no more than ~0.35.",
+    )
+    parser.add_argument(
+        "--init_image",
+        type=str,
+        default=None,
+        help="The start image (resized to the output size): an image, or a folder holding one per --input image with"
+        " the same name (any extension), e.g. an SR model's output. Default: the condition, the input enlarged by"
+        " the ControlNet's trained filter. The condition is always that enlargement.",
+    )
+    parser.add_argument(
+        "--scheduler",
+        type=str,
+        default="unipc",
+        choices=sorted(SCHEDULERS),
+        help="Sampler, built from the base's scheduler config. Stochastic ones (euler_ancestral, dpmpp_2m_sde, ddim"
+        " with --eta > 0) draw their noise from --seed.",
+    )
+    parser.add_argument("--eta", type=float, default=0.0, help="DDIM's eta: 0 deterministic, 1 as DDPM.")
     parser.add_argument(
         "--guidance_scale",
         type=float,
@@ -132,6 +192,11 @@ def parse_args(input_args=None):
         help="Weights and activations in fp16 or bf16 (fp16 needs a CUDA GPU). Latents and blending stay float32.",
     )
     parser.add_argument("--batch_size", type=int, default=4, help="Tiles per forward pass of the models.")
+    parser.add_argument(
+        "--skip_existing",
+        action="store_true",
+        help="Leave outputs that already exist as they are (to finish an interrupted folder run).",
+    )
 
     args = parser.parse_args(input_args)
     check_args(args)
@@ -160,6 +225,15 @@ def check_args(args):
             fail(f"--{name} must be >= 1")
     if args.scale is not None and not args.scale > 0:
         fail("--scale must be > 0")
+    if not 0 < args.strength <= 1:
+        fail(f"--strength must be in (0, 1], got {args.strength:g}")
+    if int(args.strength * args.num_inference_steps) < 1:
+        fail(f"--strength={args.strength:g} runs int({args.strength:g} x --num_inference_steps="
+             f"{args.num_inference_steps}) = 0 steps; raise either")
+    if args.eta < 0:
+        fail("--eta must be >= 0")
+    if args.eta and args.scheduler != "ddim":
+        logger.warning(f"--eta is DDIM's; --scheduler={args.scheduler} ignores it")
 
     try:
         args.controlnet_dir = resolve_controlnet(args.controlnet_model_name_or_path)
@@ -212,6 +286,12 @@ def check_args(args):
     overwritten = next((o for _, o in args.jobs if os.path.realpath(o) in inputs), None)
     if overwritten:
         fail(f"--output: {overwritten} would overwrite the input {inputs[os.path.realpath(overwritten)]}")
+    try:
+        args.init_images = match_init_images(args.init_image, args.jobs)
+    except ValueError as exn:
+        fail(f"--init_image: {exn}")
+    if args.init_image is not None and args.strength == 1:
+        logger.warning("--init_image is unused at --strength 1 (the canvas starts from pure noise)")
 
 
 def resolve_controlnet(name):
@@ -260,6 +340,35 @@ def stem(path):
     return os.path.splitext(os.path.basename(path))[0]
 
 
+def match_init_images(init_image, jobs):
+    """{input file: its start image file} for --init_image (a file for one input, a folder of files named as the
+    inputs, any extension, an exact name first); {} without it. ValueError naming what is missing."""
+    if init_image is None:
+        return {}
+    if not os.path.exists(init_image):
+        raise ValueError(f"not found: {init_image}")
+    if not os.path.isdir(init_image):
+        if len(jobs) > 1:
+            raise ValueError(f"{init_image} is one image for {len(jobs)} inputs; give a folder of start images")
+        return {jobs[0][0]: init_image}
+    names = sorted(n for n in os.listdir(init_image) if not n.startswith("."))
+    by_stem = {}
+    for name in names:
+        by_stem.setdefault(stem(name), name)
+    matched, missing = {}, []
+    for input_path, _ in jobs:
+        name = os.path.basename(input_path)
+        found = name if name in names else by_stem.get(stem(name))
+        if found is None:
+            missing.append(name)
+        else:
+            matched[input_path] = os.path.join(init_image, found)
+    if missing:
+        raise ValueError(f"{init_image} has no start image for {len(missing)} input(s): {', '.join(missing[:5])}"
+                         + (", ..." if len(missing) > 5 else ""))
+    return matched
+
+
 def output_problem(path, folder):
     """Why `path` (an image, or a folder with `folder`) can't take the output, or None."""
     directory = path if folder else os.path.dirname(os.path.abspath(path))
@@ -271,14 +380,53 @@ def output_problem(path, folder):
     return problem and f"cannot write to {directory} ({problem})"
 
 
-def read_image(path):
-    """An image file -> RGB PIL image, decoded in full now (a truncated file fails here, not halfway through)."""
+def read_image(path, keep_alpha=False):
+    """An image file -> PIL image, upright (EXIF orientation applied), decoded in full now (a truncated file fails
+    here, not halfway through): RGBA when `keep_alpha` and it has transparency, else RGB with transparency on white.
+    16-bit images are brought to 8 bits by their range (PIL's convert would clip them), CMYK, palette and grey to
+    RGB."""
     try:
         with Image.open(path) as image:
             image.load()
-            return tc.to_rgb(ImageOps.exif_transpose(image))
+            image = ImageOps.exif_transpose(image)
+            if image.mode in SIXTEEN_BIT_MODES or image.mode in ("I", "F"):
+                image = to_8bit(image)
+            if image.mode == "P" and "transparency" in image.info or image.mode == "PA":
+                image = image.convert("RGBA")
+            if keep_alpha and image.mode in ("RGBA", "LA", "La", "RGBa"):
+                return image.convert("RGBA")
+            return tc.to_rgb(image)
     except Exception as exn:
         raise UnreadableImage(f"cannot read image {path} ({type(exn).__name__}: {exn})")
+
+
+def to_8bit(image):
+    """A one-channel 16-bit or 32-bit PIL image -> mode L: 16-bit ranges (and 'I' images that exceed 255) scaled by
+    255/65535, the rest clipped."""
+    values = np.asarray(image, dtype=np.float64)
+    if image.mode in SIXTEEN_BIT_MODES or image.mode == "I" and values.max() > 255:
+        values = values / 257
+    return Image.fromarray(values.round().clip(0, 255).astype(np.uint8), "L")
+
+
+def keeps_alpha(path):
+    """Whether the output format can hold the input's alpha (JPEG cannot)."""
+    return Image.registered_extensions().get(os.path.splitext(path)[1].lower()) not in ("JPEG", "MPO")
+
+
+def save_image(image, path):
+    """Write to a temporary name beside `path` and rename it: a kill leaves either no file or a whole one under the
+    final name (the rename is atomic), and at most a hidden .part file beside it."""
+    directory, name = os.path.split(os.path.abspath(path))
+    fmt = Image.registered_extensions()[os.path.splitext(name)[1].lower()]
+    temporary = os.path.join(directory, f".{name}.{os.getpid()}.part")  # hidden: a folder listing skips it
+    try:
+        image.save(temporary, format=fmt)
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+        raise
 
 
 def output_size(size, scale):
@@ -292,11 +440,12 @@ def output_size(size, scale):
 
 
 def load_pipeline(args):
-    """diffusers' StableDiffusionControlNetPipeline with UniPC, as the trainer validates: its components, prompt
-    encoding and latent preparation are reused here, and a one-tile image comes out exactly as the pipeline's."""
+    """diffusers' StableDiffusionControlNetPipeline with --scheduler (UniPC by default, as the trainer validates):
+    its components, prompt encoding and latent preparation are reused here, and a one-tile image comes out as the
+    pipeline's (at --strength 1) or as StableDiffusionControlNetImg2ImgPipeline's (below)."""
     import diffusers
     import transformers
-    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline, UniPCMultistepScheduler
+    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
 
     transformers.utils.logging.set_verbosity_error()
     diffusers.utils.logging.set_verbosity_error()
@@ -310,10 +459,18 @@ def load_pipeline(args):
         revision=args.revision,
         variant=args.variant,
     )
-    pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config)
+    pipe.scheduler = make_scheduler(pipe.scheduler.config, args.scheduler)
     pipe.set_progress_bar_config(desc="tiles x steps")
     # Cast after loading: diffusers renamed from_pretrained's torch_dtype, and requirements.txt allows both versions.
     return pipe.to(args.device, dtype)
+
+
+def make_scheduler(base_config, name):
+    """--scheduler `name` built from the base model's scheduler config."""
+    import diffusers
+
+    class_name, settings = SCHEDULERS[name]
+    return getattr(diffusers, class_name).from_config(base_config, **settings)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -455,17 +612,29 @@ def do_guidance(pipe, args):
     return args.guidance_scale > 1 and pipe.unet.config.time_cond_proj_dim is None  # as the pipeline decides
 
 
-def denoise(pipe, latents, condition, tiles, args, generator):
+def sampling_timesteps(pipe, args, device):
+    """Set the scheduler's timesteps and return those to run: all of them at --strength 1, else the last
+    int(strength x steps), counted and started as diffusers' img2img pipelines count and start them."""
+    from diffusers import StableDiffusionControlNetImg2ImgPipeline
+
+    pipe.scheduler.set_timesteps(args.num_inference_steps, device=device)
+    if args.strength == 1:
+        return pipe.scheduler.timesteps
+    # get_timesteps reads only the scheduler: the same count and begin index as that pipeline, not a copy of them.
+    return StableDiffusionControlNetImg2ImgPipeline.get_timesteps(pipe, args.num_inference_steps, args.strength,
+                                                                  device)[0]
+
+
+def denoise(pipe, latents, condition, tiles, timesteps, args, generator):
     """The sampling loop over a canvas of any size: every tile predicts with its own crop of the condition, the
     predictions are blended with the tile windows, and one scheduler step moves the whole canvas (the scheduler's
     multistep history belongs to the canvas, not to a tile)."""
     device = latents.device
     guided = do_guidance(pipe, args)
     prompt_embeds, negative_embeds = pipe.encode_prompt(args.prompt, device, 1, guided, args.negative_prompt)
-    pipe.scheduler.set_timesteps(args.num_inference_steps, device=device)
-    extra_step_kwargs = pipe.prepare_extra_step_kwargs(generator, 0.0)
-    with pipe.progress_bar(total=len(pipe.scheduler.timesteps) * len(tiles)) as progress:
-        for t in pipe.scheduler.timesteps:
+    extra_step_kwargs = pipe.prepare_extra_step_kwargs(generator, args.eta)
+    with pipe.progress_bar(total=len(timesteps) * len(tiles)) as progress:
+        for t in timesteps:
             model_input = pipe.scheduler.scale_model_input(latents, t)
             noise_pred, weight_sum = torch.zeros_like(latents), torch.zeros_like(latents[:, :1])
             for batch in batches(tiles, args.batch_size):
@@ -478,23 +647,96 @@ def denoise(pipe, latents, condition, tiles, args, generator):
     return latents
 
 
+def pad_margin(tensor, margin):
+    """`margin` pixels each side of a (1, C, H, W) tensor, mirrored (repeated where the tensor is too small)."""
+    if not margin:
+        return tensor
+    mode = "reflect" if margin < min(tensor.shape[-2:]) else "replicate"
+    return F.pad(tensor, (margin,) * 4, mode=mode)
+
+
+def map_tiles(fn, source, tiles, source_scale, target_scale, channels, batch_size, margin=None):
+    """Apply `fn` (a batch of source crops -> a batch of outputs `target_scale / source_scale` times their size) to
+    every tile of `source` (tiles in latent units, `scale`s map them onto the source's and the output's grid), each
+    crop with `margin` latent cells of context around it (TILE_MARGIN by default), cut off again before the outputs
+    are blended with the tile windows. -> (1, channels, ., .) on the output grid, not yet divided by the window sum,
+    and that sum: what the encoder and the decoder share."""
+    margin = TILE_MARGIN if margin is None else margin
+    height, width = source.shape[-2] // source_scale, source.shape[-1] // source_scale
+    padded = pad_margin(source, margin * source_scale)
+    canvas = torch.zeros(1, channels, height * target_scale, width * target_scale, device=source.device)
+    weight_sum = torch.zeros_like(canvas[:, :1])
+    cut = margin * target_scale
+    for batch in batches(tiles, batch_size):
+        grown = [(top, left, h + 2 * margin, w + 2 * margin) for top, left, h, w in batch]
+        outputs = fn(crops(padded, grown, source_scale))
+        blend_tiles(batch, outputs[..., cut:outputs.shape[-2] - cut, cut:outputs.shape[-1] - cut], canvas, weight_sum,
+                    target_scale)
+    return canvas, weight_sum
+
+
+def encode(pipe, image, tiles, batch_size):
+    """Tiled VAE encoding of a (1, 3, H, W) image in [0, 1] (sides multiples of 8): the posterior means, scaled as
+    the pipelines scale them, blended in the denoising tiles as decode blends. The mean, not a draw: the noise added
+    for --strength is the randomness, and a draw would add the VAE's own on top."""
+    vae = pipe.vae
+
+    def encode_batch(pixels):
+        return vae.encode(pixels.to(vae.dtype) * 2 - 1).latent_dist.mode().float() * vae.config.scaling_factor
+
+    latents, weight_sum = map_tiles(encode_batch, image, tiles, LATENT_FACTOR, 1, vae.config.latent_channels,
+                                    batch_size)
+    return latents / weight_sum
+
+
 def decode(pipe, latents, tiles, batch_size):
     """VAE decode in the denoising tiles, blended with the same windows in pixel space: memory stays that of a
-    batch of tiles whatever the canvas, and the decoder's tile edges fade out instead of leaving seams.
-    -> (1, 3, H, W) float in [0, 1]."""
+    batch of tiles whatever the canvas, and the decoder's tile edges fade out instead of leaving seams. A tile whose
+    decode is not finite (fp16 overflow) is decoded again in float32 and counted in the log. -> (1, 3, H, W) float
+    in [0, 1]."""
     vae = pipe.vae
-    height, width = latents.shape[-2] * LATENT_FACTOR, latents.shape[-1] * LATENT_FACTOR
-    image = torch.zeros(1, 3, height, width, device=latents.device)
-    weight_sum = torch.zeros_like(image[:, :1])
-    for batch in batches(tiles, batch_size):
-        decoded = vae.decode(crops(latents, batch).to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
-        blend_tiles(batch, decoded, image, weight_sum, LATENT_FACTOR)
+    redone = []
+
+    def decode_batch(batch):
+        decoded = vae.decode(batch.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
+        bad = ~torch.isfinite(decoded).flatten(1).all(1)
+        if bad.any():
+            redone.append(int(bad.sum()))
+            decoded = decoded.float()
+            decoded[bad] = decode_float32(vae, batch[bad])
+        return decoded
+
+    image, weight_sum = map_tiles(decode_batch, latents, tiles, 1, LATENT_FACTOR, 3, batch_size)
+    if redone:
+        logger.warning(f"{sum(redone)} of {len(tiles)} tile(s) decoded to non-finite values in {vae.dtype}; decoded"
+                       " again in float32")
     return (image / weight_sum / 2 + 0.5).clamp(0, 1)
 
 
-def generate(pipe, image, args):
-    """Low-resolution PIL image -> (result, condition), both (1, 3, H, W) float in [0, 1] at the output size,
-    before any colour fix."""
+def decode_float32(vae, latents):
+    """Decode in float32 with the VAE cast for the call and back (a lossless round trip from fp16 or bf16)."""
+    dtype = vae.dtype
+    vae.to(torch.float32)
+    try:
+        decoded = vae.decode(latents.float() / vae.config.scaling_factor, return_dict=False)[0]
+    finally:
+        vae.to(dtype)
+    if not torch.isfinite(decoded).all():
+        raise NonFiniteDecode("a tile decodes to non-finite values even in float32 (the latents are not finite)")
+    return decoded
+
+
+def start_image(init_image, size, device):
+    """--init_image (PIL) resized to `size` (height, width) -> (1, 3, H, W) float in [0, 1] on `device`."""
+    image = tc.image_to_tensor(init_image)
+    if tuple(image.shape[-2:]) != tuple(size):
+        image = tc.resize(image, size, "bicubic")
+    return image[None].to(device).float() / 255
+
+
+def generate(pipe, image, args, init_image=None):
+    """Low-resolution PIL image (and an optional start image, PIL, any size) -> (result, condition), both
+    (1, 3, H, W) float in [0, 1] at the output size, before any colour fix."""
     device = pipe.unet.device
     height, width = output_size(image.size, args.scale)
     condition = make_condition(image, (height, width), args.tile_config["interpolation"], device)
@@ -502,19 +744,40 @@ def generate(pipe, image, args):
     tiles = canvas_tiles(height, width, args)
     # The pipeline's own draw: randn_tensor from a CPU generator, so a seed gives the same noise on every device.
     generator = torch.Generator("cpu").manual_seed(args.seed)
-    latents = pipe.prepare_latents(1, pipe.unet.config.in_channels, canvas.shape[-2], canvas.shape[-1], torch.float32,
-                                   device, generator)
+    timesteps = sampling_timesteps(pipe, args, device)
     with torch.no_grad():
-        latents = denoise(pipe, latents, canvas, tiles, args, generator)
+        if args.strength == 1:
+            latents = pipe.prepare_latents(1, pipe.unet.config.in_channels, canvas.shape[-2], canvas.shape[-1],
+                                           torch.float32, device, generator)
+        else:
+            start = canvas if init_image is None else pad_to_multiple(start_image(init_image, (height, width), device),
+                                                                      LATENT_FACTOR)
+            latents = noised(pipe, encode(pipe, start, tiles, args.batch_size), timesteps[:1], generator)
+        latents = denoise(pipe, latents, canvas, tiles, timesteps, args, generator)
         result = decode(pipe, latents, tiles, args.batch_size)
     return result[..., :height, :width], condition
 
 
-def upscale_image(pipe, image, args):
-    """Low-resolution PIL image -> upscaled PIL image."""
-    result, condition = generate(pipe, image, args)
+def noised(pipe, latents, timestep, generator):
+    """The start latents noised to `timestep` with the seed's noise, drawn as diffusers' img2img pipelines draw it."""
+    from diffusers.utils.torch_utils import randn_tensor
+
+    noise = randn_tensor(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+    return pipe.scheduler.add_noise(latents, noise, timestep)
+
+
+def upscale_image(pipe, image, args, init_image=None):
+    """Low-resolution PIL image (RGB, or RGBA: its alpha enlarged by the trained filter and put back) -> upscaled
+    PIL image."""
+    alpha = image.getchannel("A") if image.mode == "RGBA" else None
+    image = image.convert("RGB")
+    result, condition = generate(pipe, image, args, init_image)
     low_res = tc.image_to_tensor(image)[None].to(result.device).float() / 255
-    return tc.tensor_to_image(color_fix(result, condition, low_res, args)[0])
+    upscaled = tc.tensor_to_image(color_fix(result, condition, low_res, args)[0])
+    if alpha is not None:
+        enlarged = make_condition(alpha.convert("RGB"), result.shape[-2:], args.tile_config["interpolation"], "cpu")
+        upscaled.putalpha(tc.tensor_to_image(enlarged[0]).getchannel(0))
+    return upscaled
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -587,26 +850,36 @@ def backprojection(image, low_res, interpolation, steps=BACKPROJECTION_STEPS):
 def main(args):
     tc.DropNotices.install(xformers_requested=False)
     pipe = load_pipeline(args)
+    steps = len(sampling_timesteps(pipe, args, "cpu"))
     logger.info(f"{len(args.jobs)} image(s), x{args.scale:g}, tiles of {args.tile_size} px overlapping by"
-                f" {args.tile_overlap} px, {args.num_inference_steps} steps on {args.device},"
-                f" colour fix {args.color_fix}")
-    skipped = []
+                f" {args.tile_overlap} px, {args.scheduler} at strength {args.strength:g}: {steps} of"
+                f" {args.num_inference_steps} steps on {args.device}, colour fix {args.color_fix}")
+    done, skipped, failed = 0, 0, []
     for input_path, output_path in args.jobs:
+        if args.skip_existing and os.path.exists(output_path):
+            skipped += 1
+            continue
         try:
-            image = read_image(input_path)
-        except UnreadableImage as exn:
-            logger.warning(f"skipping: {exn}")
-            skipped.append(os.path.basename(input_path))
-            continue
-        height, width = output_size(image.size, args.scale)
-        if min(height, width) < 1:
-            logger.warning(f"skipping {input_path}: x{args.scale:g} makes its {image.width}x{image.height} empty")
-            skipped.append(os.path.basename(input_path))
-            continue
-        upscale_image(pipe, image, args).save(output_path)
-        print(f"{input_path} ({image.width}x{image.height}) -> {output_path} ({width}x{height})")
-    if skipped:
-        print(f"skipped {len(skipped)} of {len(args.jobs)} file(s) that could not be upscaled: {', '.join(skipped)}")
+            upscale_file(pipe, input_path, output_path, args)
+            done += 1
+        except (UnreadableImage, NonFiniteDecode, OSError) as exn:
+            logger.warning(f"failed: {input_path}: {exn}")
+            failed.append(os.path.basename(input_path))
+    if len(args.jobs) > 1 or skipped or failed:
+        print(f"{done} done, {skipped} skipped (output already there), {len(failed)} failed of {len(args.jobs)}"
+              + (f": {', '.join(failed)}" if failed else ""))
+
+
+def upscale_file(pipe, input_path, output_path, args):
+    """One input file -> its output file (with its --init_image, if any)."""
+    image = read_image(input_path, keep_alpha=keeps_alpha(output_path))
+    height, width = output_size(image.size, args.scale)
+    if min(height, width) < 1:
+        raise UnreadableImage(f"x{args.scale:g} makes its {image.width}x{image.height} empty")
+    init_path = args.init_images.get(input_path)
+    init_image = read_image(init_path) if init_path and args.strength < 1 else None
+    save_image(upscale_image(pipe, image, args, init_image), output_path)
+    print(f"{input_path} ({image.width}x{image.height}) -> {output_path} ({width}x{height})")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """GPU training throughput and peak memory at the reference settings, SDPA vs xformers attention, in one run.
 
-    python benchmarks/bench_gpu.py [--batch_size 32] [--resolution 256] [--steps 10] [--warmup 3] [-- TRAINER_FLAGS]
+    python benchmarks/bench_gpu.py [--shape sd1|sdxl] [--batch_size 32] [--resolution 256] [--steps 10] [--warmup 3]
+        [-- TRAINER_FLAGS]
 
 TRAINER_FLAGS (e.g. `-- --channels_last`) are added to the trainer's parsed arguments that the setup follows.
 
@@ -11,7 +12,11 @@ step is the trainer's (benchmarks/common.py: project_step) on fixed pinned batch
 xformers is measured only where it imports and its kernel runs (train_controlnet.enable_xformers decides).
 Then the device's share of --condition_degradation=realesrgan at factors 2-8 (train_controlnet.model_inputs on
 batches drawn as the workers draw them), against the step: `degradation_vs_step`.
-Without CUDA it prints one line and exits 0.
+It first prints the shape's exact memory table (benchmarks/memory_table.py: weights, gradients, optimizer states,
+counted on the meta device), on any machine; the timed part then says what only a GPU can (activations, speed).
+--shape sdxl: stabilityai/stable-diffusion-xl-base-1.0's shapes (benchmarks/shapes.py). Its timed step is the
+trainer's SDXL step, which train_controlnet.py does not have yet: until then it prints the table only.
+Without CUDA it prints the table and one line and exits 0.
 """
 
 import argparse
@@ -58,12 +63,21 @@ def degradation_seconds(batch_size, resolution, repeats=10):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", choices=["sd1", "sdxl"], default="sd1",
+                   help="sd1: miniSD / SD 1.x (default); sdxl: SDXL base 1.0")
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--resolution", type=int, default=256)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("trainer_flags", nargs="*", help="extra train_controlnet.py flags, after --")
     cli = p.parse_args()
+    from memory_table import format_table
+    from shapes import build
+
+    print(format_table(cli.shape, build(cli.shape, device="meta")) + "\n")
+    if cli.shape == "sdxl":
+        print("bench_gpu: SDXL timed step pending (train_controlnet.py has no SDXL conditioning yet)")
+        return 0
     if not torch.cuda.is_available():
         print("bench_gpu: skipped, no CUDA device")
         return 0

@@ -1,11 +1,11 @@
 """The ControlNet copy each validation samples from: this project's (built on the meta device, weights shared or cast
-on the training device) vs the previous one (random init on the CPU, weights copied device -> CPU -> device), side by
+on the training device) vs the plain way (random init on the CPU, weights copied device -> CPU -> device), side by
 side in one run, on the miniSD-shaped ControlNet (~361 M parameters).
 
     python benchmarks/bench_validation.py [--rounds 3] [--dtype fp32|fp16|bf16]
 
-Last line: `validation_copy_vs_previous: <project / previous>` (< 1: the project's is faster). On a GPU the previous
-copy also moved ~1.4 GB through the host twice while the other ranks waited.
+Last line: `validation_copy_vs_cpu_init: <project / plain>` (< 1: the project's is faster). On a GPU the plain copy
+also moves ~1.4 GB through the host twice while the other ranks wait.
 """
 
 import argparse
@@ -16,8 +16,8 @@ import torch
 from common import sd1_models, tc
 
 
-def previous_copy(controlnet, device, dtype):
-    """What log_validation did before: a randomly initialised model on the CPU, loaded, then moved."""
+def cpu_init_copy(controlnet, device, dtype):
+    """The plain way: a randomly initialised model on the CPU, loaded, then moved."""
     from diffusers import ControlNetModel
 
     copy = ControlNetModel.from_config(controlnet.config)
@@ -34,9 +34,9 @@ def main():
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cli.dtype]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     controlnet = sd1_models(text_layers=1)[0][4].to(device)
-    best = {"project": float("inf"), "previous": float("inf")}
+    best = {"project": float("inf"), "cpu_init": float("inf")}
     for _ in range(cli.rounds):
-        for name, make in (("project", tc.inference_copy), ("previous", previous_copy)):
+        for name, make in (("project", tc.inference_copy), ("cpu_init", cpu_init_copy)):
             if device.type == "cuda":
                 torch.cuda.synchronize()
             start = time.perf_counter()
@@ -50,8 +50,8 @@ def main():
     print(f"miniSD-shaped ControlNet, {params:.0f} M params, {cli.dtype} copy on {device.type}"
           f" x {torch.get_num_threads()} thread(s); best of {cli.rounds}")
     print(f"project copy (meta init, weights shared/cast on the device)  {best['project']:.3f} s")
-    print(f"previous copy (CPU random init, load, move)                  {best['previous']:.3f} s")
-    print(f"validation_copy_vs_previous: {best['project'] / best['previous']:.3f}")
+    print(f"plain copy (CPU random init, load, move)                     {best['cpu_init']:.3f} s")
+    print(f"validation_copy_vs_cpu_init: {best['project'] / best['cpu_init']:.3f}")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tools")]
+sys.path[:0] = [str(ROOT), str(ROOT / "tools"), str(ROOT / "benchmarks")]
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
@@ -35,27 +35,19 @@ def tiny_models(model_dir):
 
 
 def sd1_models(text_layers=12, vae_sample_size=256):
-    """Randomly initialised miniSD / SD-1.x shapes: UNet2DConditionModel defaults with cross_attention_dim 768,
-    the SD VAE, and a CLIP-L-shaped text encoder (hidden 768, 12 heads; `text_layers` of CLIP-L's 12).
-    The tokenizer is the tiny pipeline's offline BPE one: its ids fit CLIP-L's vocabulary; prompts stay 77 tokens."""
-    from diffusers import AutoencoderKL, ControlNetModel, DDPMScheduler, UNet2DConditionModel
+    """Randomly initialised miniSD / SD-1.x shapes (shapes.py: UNet2DConditionModel defaults with
+    cross_attention_dim 768, the SD VAE, a CLIP-L-shaped text encoder with `text_layers` of CLIP-L's 12), in the
+    trainer's load_models order. The tokenizer is the tiny pipeline's offline BPE one: its ids fit CLIP-L's
+    vocabulary; prompts stay 77 tokens."""
+    from diffusers import DDPMScheduler
     from make_tiny_pipeline import build_tokenizer
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from shapes import build
 
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(sample_size=32, cross_attention_dim=768)  # (320, 640, 1280, 1280), heads 8
-    vae = AutoencoderKL(
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
-        sample_size=vae_sample_size, scaling_factor=0.18215,
-    )
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=text_layers,
-        num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768,
-    )).eval()
+    models = build("sd1", text_layers=text_layers, vae_sample_size=vae_sample_size)
     scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                               beta_schedule="scaled_linear", clip_sample=False)
-    return (scheduler, text_encoder, vae, unet, ControlNetModel.from_unet(unet)), build_tokenizer()
+    return (scheduler, models["text_encoders"][0], models["vae"], models["unet"], models["controlnet"]), build_tokenizer()
 
 
 def setup(models, tokenizer, accelerator, args):
@@ -71,19 +63,11 @@ def setup(models, tokenizer, accelerator, args):
     if args.gradient_checkpointing:
         controlnet.enable_gradient_checkpointing()
     if getattr(args, "channels_last", False):
-        for model in (unet, controlnet, vae):
-            model.to(memory_format=torch.channels_last)
+        tc.use_channels_last(unet, vae, controlnet, args)
     if getattr(args, "torch_compile", None):
         for model in (unet, controlnet):
             model.compile(backend=args.torch_compile)
-    if args.use_8bit_adam:
-        import bitsandbytes as bnb
-
-        optimizer_class = bnb.optim.AdamW8bit
-    else:
-        optimizer_class = torch.optim.AdamW
-    optimizer = optimizer_class(controlnet.parameters(), lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-                                weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+    optimizer = tc.make_optimizer(args, controlnet.parameters())
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps,
                                  num_training_steps=args.max_train_steps)
     controlnet, optimizer, lr_scheduler = accelerator.prepare(controlnet, optimizer, lr_scheduler)

@@ -23,7 +23,7 @@ def run_script(*args):
 
 def test_help_lists_every_reference_flag():
     flags = reference_flags()
-    assert len(flags) == 24, flags  # the reference command as given in DEVELOPERS.md
+    assert len(flags) == 24, flags  # the reference command as the README gives it
     proc = run_script("--help")
     assert proc.returncode == 0
     missing = [f for f in flags if f not in proc.stdout]

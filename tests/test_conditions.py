@@ -50,8 +50,8 @@ def high_frequency_energy(images, cutoff):
     return (power[..., high].sum() / power.sum()).item()
 
 
-def test_default_recipe_is_todays_bit_for_bit(shards, tokenizer):
-    """Unset, or set to today's single factor with no degradation: the same crops, the same conditions (the target
+def test_default_recipe_is_the_plain_reduction_bit_for_bit(shards, tokenizer):
+    """Unset, or set to the default single factor with no degradation: the same crops, the same conditions (the target
     reduced to --condition_resolution by --interpolation, enlarged on the device) and the same random stream."""
     raw = samples(shards, 6)
     streams = {}
@@ -61,7 +61,7 @@ def test_default_recipe_is_todays_bit_for_bit(shards, tokenizer):
         pairs = [tc.make_tile_pair(s, tokenizer, args, rng=rng) for s in raw]
         streams[name] = (pairs, rng.random(), args)
     pairs, next_draw, args = streams["default"]
-    for p in pairs:  # today's recipe, by its definition
+    for p in pairs:  # the default recipe, by its definition
         assert torch.equal(p["conditioning_pixel_values"], tc.resize(p["pixel_values"], COND, "bicubic"))
     batch = tc.collate_fn(pairs)
     _, conditions = tc.model_inputs(batch, args, CPU)
@@ -90,7 +90,7 @@ def test_several_factors_are_drawn_from_the_set_and_enlarged_to_the_resolution(s
     for p, c in zip(pairs, conditions):  # each enlarged from its own size
         alone = tc.enlarge_condition(p["conditioning_pixel_values"][None], RES, "bicubic")[0]
         assert torch.equal(c, alone)
-    # Held-out data keeps the clean recipe: today's factor, whatever the training factors.
+    # Held-out data keeps the clean recipe: the default factor, whatever the training factors.
     held = tc.make_tile_pair(samples(shards, 1)[0], tokenizer, args)
     assert held["conditioning_pixel_values"].shape[-1] == COND
 
@@ -107,7 +107,7 @@ def test_a_factor_of_8_carries_what_an_eighth_of_the_resolution_carries():
                        tc.tensor_to_image(tc.resize(photo_u8, side, "bicubic")))
 
     assert tc.condition_size(128, 8) == 16
-    assert fidelity(8, 16) > 25  # measured 29.0 dB (bicubic down, up and down again)
+    assert fidelity(8, 16) > 25  # 29.0 dB (bicubic down, up and down again)
     assert fidelity(8, 32) < fidelity(8, 16) - 6  # 19.6 dB: what 32 px carry is not there
     assert fidelity(8, 32) < fidelity(4, 32) - 6  # 30.9 dB at factor 4
 
@@ -125,7 +125,7 @@ def test_jpeg_is_libjpegs_and_raises_blockiness():
         loss_ours = tc.psnr(tc.tensor_to_image(ours[0]), tc.tensor_to_image(image[0]))
         loss_pil = tc.psnr(tc.tensor_to_image(pil[0]), tc.tensor_to_image(image[0]))
         assert abs(loss_ours - loss_pil) < 1.0, (quality, loss_ours, loss_pil)
-    # Measured: 1.06 for the photo; 1.37, 1.22, 1.09 after quality 30, 60, 95.
+    # 1.06 for the photo; 1.37, 1.22, 1.09 after quality 30, 60, 95.
     blocks = [blockiness(tc.jpeg(image, torch.tensor([q]))) for q in (30.0, 60.0, 95.0)]
     assert blocks[0] > 1.2 * blockiness(image) and blocks[0] > blocks[1] > blocks[2]
 
@@ -137,7 +137,7 @@ def test_blur_lowers_and_noise_raises_high_frequency_energy():
     blurred = tc.blur(image, kernel[None])
     noisy = tc.gaussian_noise(image, torch.tensor([20.0]), torch.tensor([False]), torch.Generator().manual_seed(0))
     shot = tc.poisson_noise(image, torch.tensor([2.0]), torch.tensor([False]), torch.Generator().manual_seed(0))
-    # Share of the energy above 1/4 cycle per pixel, measured: 0.033 for the photo, 0.050 with Gaussian noise of
+    # Share of the energy above 1/4 cycle per pixel: 0.033 for the photo, 0.050 with Gaussian noise of
     # sigma 20/255, 0.052 with Poisson noise of scale 2.
     before = high_frequency_energy(image, 0.25)
     assert high_frequency_energy(blurred, 0.25) < before / 4
@@ -210,7 +210,7 @@ def test_degraded_batches_come_from_the_workers_as_draws(shards, tokenizer):
 
 
 def test_a_clean_share_keeps_the_clean_condition_and_degrades_the_rest(shards, tokenizer):
-    """--no_degradation_prob: that share of the samples gets today's condition at its drawn factor, the others are
+    """--no_degradation_prob: that share of the samples gets the clean condition at its drawn factor, the others are
     degraded on the device, in one batch; 0 leaves the degraded stream exactly as without the flag."""
     raw = samples(shards, 16)
 
@@ -221,8 +221,8 @@ def test_a_clean_share_keeps_the_clean_condition_and_degrades_the_rest(shards, t
 
     args, batch, next_draw = loader_batch("--no_degradation_prob=0.5")
     clean = [i for i, c in enumerate(batch["conditioning_pixel_values"]) if c is not None]
-    assert 0 < len(clean) < 16, clean  # measured: 8 of 16
-    for i in clean:  # today's condition at the drawn factor
+    assert 0 < len(clean) < 16, clean  # 8 of 16 with this seed
+    for i in clean:  # the clean condition at the drawn factor
         size = tc.condition_size(RES, batch["condition_scales"][i])
         assert torch.equal(batch["conditioning_pixel_values"][i], tc.resize(batch["pixel_values"][i], size, "bicubic"))
     degraded = sorted(i for g in batch["degradation"] for i in g["index"].tolist())

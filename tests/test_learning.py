@@ -29,12 +29,12 @@ def test_controlnet_follows_its_condition_after_a_short_run(shards, tmp_path):
     held = [r for r in rows if "holdout/condition_gap" in r]
     start, end = held[0], held[-1]
     assert start["step"] == 0 and end["step"] == STEPS, held
-    # A fresh ControlNet adds nothing: exactly 0. After the run +0.87 (measured here), while the gap's spread over
-    # noise seeds on this held-out set is ~0.05; with the condition zeroed before the ControlNet it stays 0.0.
+    # A fresh ControlNet adds nothing: exactly 0. After this run about +0.87, while the gap's spread over noise
+    # seeds on this held-out set is ~0.05; with the condition zeroed before the ControlNet it stays 0.0.
     assert start["holdout/condition_gap"] == 0.0, start
     assert end["holdout/condition_gap"] > 0.25, end
     # Sampled outputs, reduced to the condition resolution, resemble their own condition far more than another
-    # sample's, and than the base alone made them from the prompt at step 0. Measured here: +8.7 dB and +4.9 dB;
+    # sample's, and than the base alone made them from the prompt at step 0: about +8.7 dB and +4.9 dB;
     # with the condition fed to training in [-1, 1] instead of the pipeline's [0, 1], +3.9 dB and +1.3 dB.
     assert end["holdout/condition_psnr"] > end["holdout/condition_psnr_rolled"] + 5.0, end
     assert end["holdout/condition_psnr"] > start["holdout/condition_psnr"] + 3.0, held
@@ -56,7 +56,7 @@ def test_controlnet_learns_from_realesrgan_conditions_at_several_factors(shards,
     held = [r for r in rows if "holdout/condition_gap" in r]
     start, end = held[0], held[-1]
     assert start["step"] == 0 and end["step"] == steps
-    # Measured here: gap +0.000 -> +0.37; condition PSNR 15.2 -> 17.9 dB (rolled control 11.8 dB).
+    # Typically: gap +0.000 -> +0.37; condition PSNR 15.2 -> 17.9 dB (rolled control 11.8 dB).
     assert start["holdout/condition_gap"] == 0.0 and end["holdout/condition_gap"] > 0.05, end
     assert end["holdout/condition_psnr"] > end["holdout/condition_psnr_rolled"] + 3.0, end
     for variant in ("jpeg30", "x8"):

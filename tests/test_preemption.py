@@ -8,12 +8,11 @@ import psutil
 import pytest
 
 import train_controlnet as tc
-from conftest import ACCELERATE, ROOT
+from conftest import ROOT, launch_command
 from test_resume import wait_for
 from test_train import base_args, checkpoints
 
-LAUNCH = [ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-          "--dynamo_backend", "no"]
+LAUNCH = launch_command(num_processes=2)
 PREEMPTIBLE = str(ROOT / "scripts" / "preemptible.sh")
 
 

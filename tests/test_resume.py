@@ -1,6 +1,7 @@
 """Never lose training: exact resume, kill -9 at any moment, planted bad checkpoints, SIGTERM preemption."""
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import pytest
 from safetensors.torch import load_file
 
 import train_controlnet as tc
-from conftest import ACCELERATE, ROOT, assert_ok, run_cli
+from conftest import ROOT, assert_ok, launch_command, run_cli
 from test_train import base_args, checkpoints, logged_steps
 
 
@@ -111,10 +112,9 @@ def test_kill_9_right_after_and_during_a_checkpoint(tiny_model, shards, tmp_path
     assert (out / "diffusion_pytorch_model.safetensors").exists()
 
 
-def test_latest_skips_planted_garbage_and_explicit_garbage_is_an_error(tiny_model, shards, tmp_path):
+def test_latest_skips_planted_garbage_and_explicit_garbage_is_an_error(tiny_model, shards, two_step_run, tmp_path):
     out = tmp_path / "out"
-    assert_ok(run_cli(base_args(tiny_model, shards, str(out), max_train_steps=2, checkpointing_steps=2,
-                                num_holdout_samples=0), cwd=tmp_path))
+    shutil.copytree(two_step_run, out)
     (out / "checkpoint-999" / "controlnet").mkdir(parents=True)
     (out / "checkpoint-999" / "controlnet" / "config.json").write_text("{garbage")
     (out / "checkpoint-1000").mkdir()  # empty: a partial copy
@@ -160,8 +160,7 @@ def test_sigusr1_on_one_rank_stops_both_ranks_at_the_same_step(tiny_model, shard
     env = {**os.environ, "WANDB_MODE": "offline", "ACCELERATE_USE_CPU": "1", "PYTHONUNBUFFERED": "1"}
     log = open(tmp_path / "run.log", "w")
     launcher = subprocess.Popen(
-        [ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-         "--dynamo_backend", "no", str(ROOT / "train_controlnet.py"), *args],
+        launch_command(num_processes=2) + [str(ROOT / "train_controlnet.py"), *args],
         cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         assert wait_for(lambda: (out / "metrics.jsonl").exists(), launcher, timeout=180)

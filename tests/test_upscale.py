@@ -61,8 +61,10 @@ def photo(tmp_path_factory):
 
 
 def cli(tiny_model, controlnet_dir, input_path, output_path, *extra):
+    """Flags for upscale.py; from pure noise (--strength 1) unless `extra` says otherwise, so that STEPS steps run."""
     flags = ["--pretrained_model_name_or_path", tiny_model, "--controlnet_model_name_or_path", controlnet_dir,
-             "--input", input_path, "--output", output_path, "--num_inference_steps", STEPS, "--device", "cpu", *extra]
+             "--input", input_path, "--output", output_path, "--num_inference_steps", STEPS, "--device", "cpu",
+             "--strength", "1", *extra]
     return [str(flag) for flag in flags]
 
 
@@ -123,7 +125,7 @@ def test_folder_mode_skips_unreadable_files(tiny_model, controlnet_dir, tmp_path
     assert sorted(os.listdir(tmp_path / "out")) == ["tall.png", "wide.png"]
     assert Image.open(tmp_path / "out" / "wide.png").size == (148, 92)
     assert Image.open(tmp_path / "out" / "tall.png").size == (76, 116)
-    assert "skipped 1 of 3 file(s) that could not be upscaled: broken.png" in capsys.readouterr().out
+    assert "2 done, 0 skipped (output already there), 1 failed of 3: broken.png" in capsys.readouterr().out
 
 
 def test_folder_mode_keeps_inputs_that_share_a_name_apart(tmp_path):
@@ -175,7 +177,9 @@ def test_defaults_follow_tile_config(tiny_model, controlnet_dir, photo, tmp_path
 # The loop is diffusers' loop
 
 
-def test_one_tile_matches_stable_diffusion_controlnet_pipeline(pipeline, tmp_path):
+def test_one_tile_matches_stable_diffusion_controlnet_pipeline(pipeline, tmp_path, monkeypatch):
+    """The pipeline decodes without a margin (its border has the frame upscale.py's margin removes)."""
+    monkeypatch.setattr(up, "TILE_MARGIN", 0)
     pipe, make_args = pipeline
     args = make_args("--prompt", "a cat", "--negative_prompt", "blurry", "--guidance_scale", "3",
                      "--controlnet_conditioning_scale", "0.7", "--num_inference_steps", "3", "--seed", "7")
@@ -305,6 +309,13 @@ BAD_INPUTS = {
     "output is the input": (lambda d, t, c: {"--output": t / "in.png"}, "in.png would overwrite the input"),
     "output folder is the input folder": (lambda d, t, c: {"--input": t, "--output": t},
                                           "in.png would overwrite the input"),
+    "strength 0": (lambda d, t, c: {"--strength": "0"}, "--strength must be in (0, 1], got 0"),
+    "strength above 1": (lambda d, t, c: {"--strength": "1.5"}, "--strength must be in (0, 1], got 1.5"),
+    "strength runs no step": (lambda d, t, c: {"--strength": "0.3"}, "runs int(0.3 x --num_inference_steps=2) = 0"),
+    "negative eta": (lambda d, t, c: {"--eta": "-1"}, "--eta must be >= 0"),
+    "missing init image": (lambda d, t, c: {"--init_image": t / "nope.png"}, "--init_image: not found"),
+    "no init image for an input": (lambda d, t, c: {"--input": t, "--output": t / "out", "--init_image": t / "a_dir"},
+                                   "has no start image for 1 input(s): in.png"),
 }
 
 
@@ -321,6 +332,7 @@ def test_bad_input_is_one_line(case, tiny_model, controlnet_dir, tmp_path, capsy
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     (tmp_path / "a_file").write_text("a file where a folder should be")
+    (tmp_path / "a_dir").mkdir()
     source = write_image(tmp_path / "in.png", 37, 23)
     make_changes, message = BAD_INPUTS[case]
     flags = dict(zip(*[iter(cli(tiny_model, controlnet_dir, source, tmp_path / "out.png"))] * 2))

@@ -42,7 +42,7 @@ print("A positive gap and a PSNR above its control mean the ControlNet follows i
 PY
 
 # Upscale a photo that is in no shard (matplotlib's sample portrait, reduced to 48x56) 4x with the ControlNet just
-# trained: tiles, blending and the colour fix as for any image (upscale.py --help; README, "Upscaling with your model").
+# trained: tiles, blending and the colour fix as for any image (upscale.py --help; README, "Upscaling").
 mkdir -p "$QS/upscale"
 .venv/bin/python -c "import sys; from matplotlib import cbook; from PIL import Image
 Image.open(cbook.get_sample_data('grace_hopper.jpg')).resize((48, 56), Image.Resampling.BICUBIC).save(sys.argv[1])" \
