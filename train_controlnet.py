@@ -9,6 +9,7 @@ low-resolution inputs, reduced by factors drawn from `--condition_scales` and de
 """
 
 import argparse
+import atexit
 import collections
 import contextlib
 import gc
@@ -17,7 +18,9 @@ import itertools
 import json
 import logging
 import math
+import multiprocessing.util
 import os
+import queue
 import random
 import re
 import shutil
@@ -25,6 +28,7 @@ import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 import zipfile
 import zlib
@@ -35,6 +39,7 @@ from pathlib import Path
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # fast tokenizers in forked workers can deadlock
 
 import numpy as np
+import psutil
 import torch
 import torch.nn.functional as F
 import webdataset as wds
@@ -55,6 +60,10 @@ CAPTION_KEYS = ("txt", "text", "caption")
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 TORCH_FILTERS = ("bilinear", "bicubic")  # filters with antialiased torch kernels; the others go through PIL
 SHUFFLE_BUFFER = 1000  # raw (undecoded) samples per worker, ~30 MB for LAION jpgs
+READ_AHEAD = 16  # raw samples a shard's reading thread may hold ready for its consumer
+COMMAND_GRACE = 5  # seconds a `pipe:` command may take to exit once its tar has been read
+END_OF_SHARD = object()
+LIVE_READS = {}  # id -> source ({"url", "stream"}) of each shard this process is reading, for end_commands
 TILE_CONFIG = "tile_config.json"  # how a saved ControlNet's conditions were made, for upscale.py
 
 
@@ -356,6 +365,14 @@ def make_parser():
         " disjointly (webdataset's resampling: samples can repeat and some are never seen within an epoch).",
     )
     parser.add_argument(
+        "--shard_timeout",
+        type=float,
+        default=300,
+        help="Seconds a consumer (a rank's dataloader worker) waits for the next sample of a shard before it abandons"
+        " the shard (a `pipe:` command is killed), counts it as stalled_shard, names it in the log and goes on with"
+        " its next shard. Only waiting counts, never time spent downstream. 0: wait forever.",
+    )
+    parser.add_argument(
         "--max_nonfinite_steps",
         type=int,
         default=50,
@@ -412,6 +429,8 @@ def check_args(args, error):
         error("--checkpoints_total_limit must be >= 1")
     if args.dataloader_num_workers < 0:
         error("--dataloader_num_workers must be >= 0")
+    if not args.shard_timeout >= 0:  # also refuses nan
+        error("--shard_timeout must be >= 0 (0: wait forever)")
     if args.num_holdout_samples < 0:
         error("--num_holdout_samples must be >= 0")
     if args.max_aspect_ratio is not None and args.max_aspect_ratio < 1:
@@ -551,8 +570,8 @@ class SkipSample(Exception):
 # Counters of one process (the main process or one dataloader worker). Each batch carries a copy, so the training
 # process sums the latest copy of every worker and the ranks sum theirs at logging time.
 SKIP_REASONS = (
-    "missing_shard", "tar_error", "pipe_error", "no_image", "empty_image", "decode_error", "too_large", "too_small",
-    "filtered_min_size", "filtered_aspect", "filtered_watermark", "filtered_unsafe",
+    "missing_shard", "tar_error", "pipe_error", "stalled_shard", "no_image", "empty_image", "decode_error",
+    "too_large", "too_small", "filtered_min_size", "filtered_aspect", "filtered_watermark", "filtered_unsafe",
 )
 DATA_STATS = collections.Counter()
 BAD_SHARDS = set()  # shards this process has counted and named: once per run, however many passes read them
@@ -1095,16 +1114,116 @@ def count_skip(exn):
     return True
 
 
-def read_shard(url, report=True):
-    """Raw samples of one shard; a missing or broken one is skipped. With `report` (the consumer that owns the shard)
-    it is counted and named in the log, once per run."""
-    errors = []
-    yield from wds.tarfile_samples([{"url": url}], handler=lambda exn: errors.append(exn) or True)
-    if errors and report and url not in BAD_SHARDS:
+def kill_tree(pid):
+    """SIGKILL a process and its descendants (a `pipe:` shell and the commands it started)."""
+    try:
+        process = psutil.Process(pid)
+        process.suspend()  # a stopped shell starts nothing more while its commands are listed
+        family = [*process.children(recursive=True), process]  # listed first: once the shell dies they move away
+    except psutil.Error:
+        return
+    for member in family:
+        with contextlib.suppress(psutil.Error):
+            member.kill()
+
+
+def end_command(source):
+    if isinstance(source.get("stream"), Pipe):
+        kill_tree(source["stream"].proc.pid)
+
+
+def end_commands():
+    """At a process's exit: a `pipe:` command that stalled, or that no one reads any more, must not outlive it."""
+    for source in list(LIVE_READS.values()):
+        end_command(source)
+
+
+atexit.register(end_commands)  # the main process; dataloader workers register in survive_stop_signals
+
+
+def close_shard_stream(stream):
+    """Close a shard's stream. A `pipe:` command still running COMMAND_GRACE seconds after its tar ended is killed;
+    its exit status stays readable for shard_problem."""
+    if stream is None:
+        return
+    if isinstance(stream, Pipe):
+        stream.timeout = COMMAND_GRACE  # webdataset's own 2 hours would keep this thread, and the command, alive
+        try:
+            stream.close()
+        except subprocess.TimeoutExpired:
+            kill_tree(stream.proc.pid)
+        except Exception:
+            pass  # a failed command's status: shard_problem reads it
+        return
+    stream.close()
+
+
+def shard_reader(url, samples, errors, source, abandoned):
+    """The thread behind read_shard: webdataset's own stages (url_opener -> tar_file_expander -> group_by_keys, as in
+    wds.tarfile_samples) over one url, handing each raw sample over through `samples`, then END."""
+
+    def put(item):  # gives up once the consumer has abandoned the shard
+        while not abandoned.is_set():
+            with contextlib.suppress(queue.Full):
+                samples.put(item, timeout=1)
+                return True
+        return False
+
+    def handler(exn):
+        errors.append(exn)
+        return True
+
+    try:
+        streams = wds.tariterators.url_opener([source], handler=handler)  # puts the opened stream into `source`
+        for sample in wds.tariterators.group_by_keys(wds.tariterators.tar_file_expander(streams, handler=handler),
+                                                     handler=handler):
+            if not put(sample):
+                return
+    finally:
+        close_shard_stream(source.get("stream"))
+        put(END_OF_SHARD)
+
+
+def read_shard(url, report=True, timeout=None):
+    """Raw samples of one shard (-> True once read to its end). A missing, broken or stalled one is skipped; with
+    `report` (the consumer that owns the shard) it is counted and named in the log, once per run.
+
+    A thread reads the shard, so that the consumer can give up on it: when no sample has come for `timeout` seconds
+    (a `pipe:` command or a network file system that stopped answering), the shard is abandoned, its command killed,
+    and the consumer goes on with its next shard. Only the time the consumer waits counts: a consumer held up
+    downstream (a full DataLoader queue, a long validation) never abandons a healthy shard.
+    """
+    samples, errors, source, abandoned = queue.Queue(maxsize=READ_AHEAD), [], {"url": url}, threading.Event()
+    threading.Thread(target=shard_reader, args=(url, samples, errors, source, abandoned), daemon=True,
+                     name=f"shard reader {url}").start()
+    finished = stalled = False
+    LIVE_READS[id(source)] = source
+    try:
+        while not (finished or stalled):
+            try:
+                sample = samples.get(timeout=timeout)
+            except queue.Empty:
+                stalled = True
+                continue
+            finished = sample is END_OF_SHARD
+            if not finished:
+                yield sample
+    finally:
+        abandoned.set()
+        LIVE_READS.pop(id(source), None)
+        if not finished:  # stalled, or its consumer stopped early
+            end_command(source)
+    if (errors or stalled) and report and url not in BAD_SHARDS:
         BAD_SHARDS.add(url)
-        reason, detail = shard_problem(url, errors[0])
+        if stalled:
+            killed = "its command killed" if isinstance(source.get("stream"), Pipe) else "its read left behind"
+            reason, detail = "stalled_shard", f"no sample for {timeout:g} s (--shard_timeout); abandoned, {killed}"
+        else:
+            reason, detail = shard_problem(url, errors[0])
         DATA_STATS[reason] += 1
-        logger.warning(f"{reason}: {url}: {detail}; this shard is skipped for the rest of the run's passes too")
+        logger.warning(f"{reason}: {url}: {detail}; the consumer goes on with its next shard (further failures of"
+                       " this shard are not counted again)")
+    return finished and not errors
 
 
 def shard_problem(url, exn):
@@ -1124,33 +1243,121 @@ def sample_id(sample):
     return sample["__url__"], sample["__key__"]
 
 
-def shuffled_pass(urls, rng, holdout=frozenset(), stride=1, offset=0, owned=None):
+FRESH = (0, 0, False, ())  # a shard's data state before anything of it was read: pass 0, nothing read or pending
+
+
+class PassLedger:
+    """Where this consumer's stream stands in each shard's current pass: the data state that a resume on other ranks
+    x workers continues from (see DataProgress.state and resume_data).
+
+    Per shard [pass, read, ended, pending]: the pass it is in, how many of its raw samples were read in that pass
+    (`ended` once read to its end), and which of those were read but not trained: they sit in the shuffle buffer (or
+    were pending in the plan this stream was resumed from). Every other sample below `read` was trained or filtered
+    out. A shard whose pass ended with nothing pending goes on to the next pass. Each batch carries the entries that
+    changed since the previous one (see batches_of), so the training process always knows the state as of the last
+    batch it trained on.
+    """
+
+    current = None  # this process's ledger (one consumer per dataloader worker or main process)
+
+    def __init__(self, plan, tracked):
+        self.plan, self.tracked = plan or {}, tracked
+        self.entries, self.changed = {}, set()
+
+    def first_pass(self, urls):
+        """The pass this consumer starts in: the least advanced of its shards'."""
+        return min((self.plan.get(u, FRESH)[0] for u in urls), default=0)
+
+    def shard(self, url, cycle, read):
+        """What pass `cycle` still needs of `url`: raw samples from read(url), each tagged with its index there."""
+        done, start, ended, pending = self.plan.get(url, FRESH)
+        if cycle < done:
+            return  # this pass of the shard was complete before the resume
+        if cycle > done:
+            done, start, ended, pending = cycle, 0, False, ()
+        entry = self.entries[url] = [done, start, ended, set(pending)]
+        self.changed.add(url)
+        wanted, last = set(pending), max(pending, default=-1) if ended else math.inf
+        if ended and last < 0:
+            return self.settle(url)
+        samples, index = read(url), 0
+        while index <= last:
+            try:
+                sample = next(samples)
+            except StopIteration as end:
+                entry[2] = entry[2] or end.value
+                break
+            if index >= start or index in wanted:  # the others were trained before the resume
+                entry[1] = max(entry[1], index + 1)
+                sample["__index__"] = index
+                yield sample
+            index += 1
+        samples.close()
+        self.settle(url)
+
+    def entered(self, samples):
+        """Samples on their way into the shuffle buffer: pending until they leave it."""
+        for sample in samples:
+            self.entries[sample["__url__"]][3].add(sample["__index__"])
+            self.changed.add(sample["__url__"])
+            yield sample
+
+    def left(self, sample):
+        url = sample["__url__"]
+        self.entries[url][3].discard(sample["__index__"])
+        self.changed.add(url)
+        self.settle(url)
+
+    def settle(self, url):
+        done, _, ended, pending = self.entries[url]
+        if ended and not pending:
+            self.entries[url] = [done + 1, 0, False, set()]
+
+    def take_changes(self):
+        """The entries changed since the last call, as plain lists (None when this stream keeps no per-shard state)."""
+        if not self.tracked:
+            return None
+        changes = {u: [*self.entries[u][:3], sorted(self.entries[u][3])] for u in self.changed}
+        self.changed.clear()
+        return changes
+
+
+def shuffled_pass(urls, rng, holdout=frozenset(), stride=1, offset=0, owned=None, ledger=None, cycle=0,
+                  shard_timeout=None):
     """One pass over the raw samples of `urls` in an rng-drawn shard order, through an rng-seeded shuffle buffer.
 
     `stride`/`offset` keep every stride-th sample (consumers sharing shards); held-out samples never reach training;
-    of the shards that fail, only the `owned` ones (all by default) are counted here.
+    of the shards that fail, only the `owned` ones (all by default) are counted here. With a `ledger`, only what pass
+    `cycle` of each shard still needs is read, and what enters the buffer is recorded.
     """
     shards = rng.sample(urls, len(urls))
-    samples = itertools.chain.from_iterable(read_shard(u, owned is None or u in owned) for u in shards)
+    read = lambda u: read_shard(u, owned is None or u in owned, shard_timeout)  # noqa: E731
+    ledger = ledger or PassLedger(None, tracked=False)
+    samples = itertools.chain.from_iterable(ledger.shard(u, cycle, read) for u in shards)
     samples = itertools.islice(samples, offset, None, stride)
-    samples = (s for s in samples if sample_id(s) not in holdout)
+    samples = ledger.entered(s for s in samples if sample_id(s) not in holdout)
     return wds.shuffle(SHUFFLE_BUFFER, initial=SHUFFLE_BUFFER // 10, rng=rng)(samples)
 
 
-def consumer_samples(urls, seed, holdout, start_positions, resampled=False):
+def consumer_samples(urls, seed, holdout, resume=None, resampled=False, shard_timeout=None):
     """Endless stream of raw samples for this (rank, dataloader worker).
 
     Shards are dealt round-robin to the ranks x workers consumers; with fewer shards than consumers (or when a
     consumer's own shards are all unreadable) it reads all shards and keeps every N-th sample instead, or all of them
-    when there are fewer samples than consumers. Each consumer
-    cycles through its part forever, one shuffled pass per cycle, so every rank can run the same number of steps
-    and none waits on another that ran dry. A resumed run passes the number of raw samples each consumer had used
-    (`start_positions`); the stream skips that many undecoded, so it continues exactly where it stopped.
-    With `resampled`, each pass draws as many shards as the consumer's part holds, with replacement.
+    when there are fewer samples than consumers. Each consumer cycles through its part forever, one shuffled pass per
+    cycle, so every rank can run the same number of steps and none waits on another that ran dry.
+
+    A resumed run passes `resume` (see resume_data): its `plan`, the per-shard state this stream starts from (the
+    rest of each shard's current pass, whoever read it before), and, when the checkpoint's ranks x workers are this
+    run's, the number of raw samples each consumer had used since that plan (`positions`): the stream skips that many
+    undecoded, so it continues exactly where it stopped. With `resampled`, each pass draws as many shards as the
+    consumer's part holds, with replacement (and keeps no per-shard state).
     """
     rank, world_size, worker, num_workers = wds.utils.pytorch_worker_info()
     consumers, me = world_size * num_workers, rank * num_workers + worker
-    skip = start_positions[me] if start_positions is not None and len(start_positions) == consumers else 0
+    resume = resume or {}
+    positions = resume.get("positions")
+    skip = positions[me] if positions is not None and len(positions) == consumers else 0
     # This consumer's part, and what it falls back to when that part holds no readable sample: a stride over all
     # shards, then (fewer samples than consumers) every sample.
     parts = [(urls, consumers, me), (urls, 1, 0)]
@@ -1158,38 +1365,46 @@ def consumer_samples(urls, seed, holdout, start_positions, resampled=False):
         parts.insert(0, (urls[me::consumers], 1, 0))
     # Every shard has one owner, who counts its failure: consumers that share shards would count it N times.
     owned = None if resampled else frozenset(urls[me::consumers])
-    for cycle in itertools.count():
+    plan = None if resampled else resume.get("plan")
+    # Shared shards (a stride) leave the per-shard state to no one: a resume on other consumers starts that pass over.
+    ledger = PassLedger.current = PassLedger(plan, tracked=len(parts) == 3 and not resampled)
+    last_planned = max((plan.get(u, FRESH)[0] for u in parts[0][0]), default=-1) if plan else -1
+    for cycle in itertools.count(ledger.first_pass(parts[0][0])):
         shard_list, stride, offset = parts[0]
         if resampled:
             shard_list = random.Random(f"{seed}-{cycle}-{me}-resample").choices(urls, k=len(shard_list))
         # When consumers share shards they must all read them in the same order, so `me` stays out of that seed.
         rng = random.Random(f"{seed}-{cycle}-{me if stride == 1 and len(shard_list) < len(urls) else 'all'}")
-        read = 0
-        for sample in shuffled_pass(shard_list, rng, holdout, stride=stride, offset=offset, owned=owned):
-            read += 1
+        used = 0
+        for sample in shuffled_pass(shard_list, rng, holdout, stride, offset, owned, ledger, cycle, shard_timeout):
+            used += 1
+            ledger.left(sample)
             DATA_STATS["samples_read"] += 1
             if DATA_STATS["samples_read"] > skip:
                 yield sample
-        if read == 0 and len(parts) == 1:
+        if used or cycle <= last_planned:  # a resumed pass may rightly need nothing more of this part
+            continue
+        if len(parts) == 1:
             raise RuntimeError(f"no readable sample in any shard for consumer {me}")
-        if read == 0:
-            parts.pop(0)
-            logger.warning(f"consumer {me} (rank {rank}, worker {worker}) found no readable sample in its part of"
-                           f" the shards; it now reads {'every %d-th' % parts[0][1] if parts[0][1] > 1 else 'every'}"
-                           " sample of all shards")
+        parts.pop(0)
+        ledger.tracked = False
+        logger.warning(f"consumer {me} (rank {rank}, worker {worker}) found no readable sample in its part of"
+                       f" the shards; it now reads {'every %d-th' % parts[0][1] if parts[0][1] > 1 else 'every'}"
+                       " sample of all shards")
 
 
 def batches_of(samples, size):
-    """Full batches, yielded as soon as complete. (wds.batched reads one sample ahead; that sample would be missing
-    from the data position saved with a checkpoint, and a resumed run would skip it.)"""
+    """Full batches, yielded as soon as complete, each with the per-shard data state as of its last sample.
+    (wds.batched reads one sample ahead; that sample would be missing from the data position saved with a
+    checkpoint, and a resumed run would skip it.)"""
     batch = []
     for sample in samples:
         batch.append(sample)
         if len(batch) == size:
-            yield collate_fn(batch)
+            batch = collate_fn(batch)
+            batch["shard_changes"] = PassLedger.current.take_changes() if PassLedger.current else None
+            yield batch
             batch = []
-
-
 def with_degradation_draws(batches, preset, rng):
     """Each batch with its --condition_degradation draws for the images that make_tile_pair left without a condition
     (None where there is none: the preset 'none', or every image kept clean): the worker draws, the device degrades."""
@@ -1202,13 +1417,15 @@ def with_degradation_draws(batches, preset, rng):
         yield batch
 
 
-def make_train_dataloader(args, tokenizer, holdout=frozenset(), start_positions=None):
-    """open_clip-style pipeline: this consumer's shuffled raw samples -> tile pairs -> batches."""
+def make_train_dataloader(args, tokenizer, holdout=frozenset(), resume=None):
+    """open_clip-style pipeline: this consumer's shuffled raw samples -> tile pairs -> batches. `resume`: where a
+    resumed run's data stream starts (see resume_data)."""
     urls = wds.shardlists.expand_urls(args.train_shards_path_or_url)
     seed = 0 if args.seed is None else args.seed
     rank = wds.utils.pytorch_worker_info()[0]
     pipeline = wds.DataPipeline(
-        partial(consumer_samples, urls, seed, frozenset(holdout), start_positions, args.resampled_shards),
+        partial(consumer_samples, urls, seed, frozenset(holdout), resume, args.resampled_shards,
+                shard_timeout(args)),
         wds.map(partial(make_tile_pair, tokenizer=tokenizer, args=args, rng=random), handler=count_skip),
         partial(batches_of, size=args.train_batch_size),
         partial(with_degradation_draws, preset=args.condition_degradation, rng=random),
@@ -1220,11 +1437,15 @@ def make_train_dataloader(args, tokenizer, holdout=frozenset(), start_positions=
         pin_memory=torch.cuda.is_available(),
         persistent_workers=args.dataloader_num_workers > 0,
         prefetch_factor=4 if args.dataloader_num_workers > 0 else None,
-        worker_init_fn=ignore_stop_signals,
+        worker_init_fn=survive_stop_signals,
         # Worker seeds come from this generator, not the global RNG, so building the loader never shifts the
         # training noise and a resumed run draws exactly what an uninterrupted one would.
         generator=torch.Generator().manual_seed(seed * 1000 + rank),
     )
+
+
+def shard_timeout(args):
+    return args.shard_timeout or None  # 0: no watchdog
 
 
 def load_holdout(args, tokenizer):
@@ -1236,7 +1457,8 @@ def load_holdout(args, tokenizer):
     wanted = max(1, args.num_holdout_samples)
     examples = []
     urls = wds.shardlists.expand_urls(args.train_shards_path_or_url)
-    for sample in itertools.chain.from_iterable(read_shard(u, report=False) for u in urls):  # training reports them
+    reads = (read_shard(u, report=False, timeout=shard_timeout(args)) for u in urls)  # training reports them
+    for sample in itertools.chain.from_iterable(reads):
         try:
             examples.append(make_tile_pair(sample, tokenizer, args))
         except SkipSample:
@@ -1685,7 +1907,7 @@ def write_checkpoint_files(accelerator, path, step, data_positions):
         accelerator.save_state(path)  # rank 0 writes model/optimizer/scheduler, each rank its RNG state
         if accelerator.is_main_process:
             with open(os.path.join(path, DATA_STATE), "w") as f:
-                json.dump({"step": step, "samples_read": data_positions}, f)
+                json.dump({"step": step, **data_positions}, f)  # see DataProgress.state
         written = checkpoint_files(path) if accelerator.is_main_process else [f"random_states_{accelerator.process_index}.pkl"]
         for name in written:
             fsync_path(os.path.join(path, name))
@@ -1903,19 +2125,30 @@ STAT_KEYS = ("samples_read",) + SKIP_REASONS
 
 
 class DataProgress:
-    """This rank's data counters: the latest copy carried by a batch of each of its consumers (see collate_fn)."""
+    """This rank's data counters and per-shard data state: the latest copy carried by a batch of each of its consumers
+    (see collate_fn and PassLedger), on top of the state the run started from."""
 
-    def __init__(self, accelerator, num_workers, start_positions=None):
+    def __init__(self, accelerator, num_workers, resume=None, urls=()):
+        resume = resume or {}
         self.per_rank = max(1, num_workers)
         self.mine = range(accelerator.process_index * self.per_rank, (accelerator.process_index + 1) * self.per_rank)
         self.consumers = accelerator.num_processes * self.per_rank
-        self.start = start_positions
+        self.start = resume.get("positions")
+        self.plan = resume.get("plan")  # where this run's stream began: a same-layout resume replays from it
+        # The state at the checkpoint resumed from, unknown for checkpoints that kept none (shared shards, resampled)
+        self.shards = {u: FRESH for u in urls} if not resume else resume.get("shards")
+        self.changed, self.tracked = {}, self.shards is not None
         self.latest = {}
         self.last_totals = {}
         self.reported = None
 
     def update(self, batch):
         self.latest[batch["consumer"]] = batch["data_stats"]
+        changes = batch.get("shard_changes")
+        if changes is None:
+            self.tracked = False
+        else:
+            self.changed.update(changes)
 
     def local_totals(self):
         return {k: sum(stats.get(k, 0) for stats in self.latest.values()) for k in STAT_KEYS}
@@ -1928,6 +2161,22 @@ class DataProgress:
             local[c] = self.latest.get(c, {}).get("samples_read", default)
         return [int(x) for x in accelerator.reduce(local, "sum").tolist()]
 
+    def state(self, accelerator):
+        """The data state saved with a checkpoint (collective; resume_data reads it back): each consumer's position
+        in its stream and the plan that stream began from, for a resume on the same ranks x workers, and where every
+        shard stands in its current pass, for a resume on any other."""
+        from accelerate.utils import gather_object
+
+        positions = self.positions(accelerator)
+        changes = gather_object([self.changed if self.tracked else None])
+        shards = None
+        if all(c is not None for c in changes):
+            shards = dict(self.shards)
+            for rank_changes in changes:  # every shard has one owner: the ranks' changes never overlap
+                shards.update(rank_changes)
+        return {"samples_read": positions, "consumers": self.consumers, "plan": compact_shards(self.plan),
+                "shards": compact_shards(shards)}
+
     def report(self, totals, final=False):
         """One log line whenever the skip counts change, and a summary at the end."""
         skips = {k: int(v) for k, v in totals.items() if k != "samples_read" and v}
@@ -1937,6 +2186,48 @@ class DataProgress:
         summary = ", ".join(f"{k}={v}" for k, v in skips.items()) or "none"
         read = int(totals.get("samples_read", 0))
         logger.info(f"{'Data summary' if final else 'data'}: {read} samples read by all ranks and workers; skipped: {summary}")
+
+
+def compact_shards(shards):
+    """Per-shard states as saved: those of shards not yet started in the least advanced pass are left out."""
+    if shards is None:
+        return None
+    first = min((entry[0] for entry in shards.values()), default=0)
+    started = {u: list(e) for u, e in shards.items() if tuple(e[:3]) != (first, 0, False) or e[3]}
+    return {"pass": first, "shards": started}
+
+
+def expand_shards(saved, urls):
+    if saved is None:
+        return None
+    unstarted = (saved["pass"], 0, False, ())
+    return {u: tuple(saved["shards"].get(u, unstarted)) for u in urls}
+
+
+def resume_data(path, consumers, resampled, urls):
+    """Where a run resumed from checkpoint `path` starts its data stream (see consumer_samples), or None: from the
+    beginning. The same ranks x workers continue each consumer's stream exactly; other ranks x workers are dealt the
+    rest of every shard's current pass (PassLedger's state), samples that sat in shuffle buffers included."""
+    state = None
+    if os.path.exists(os.path.join(path, DATA_STATE)):  # absent in checkpoints of upstream's script
+        with open(os.path.join(path, DATA_STATE)) as f:
+            state = json.load(f)
+    if state is not None and len(state["samples_read"]) == consumers:
+        return {"positions": state["samples_read"], "plan": expand_shards(state.get("plan"), urls),
+                "shards": expand_shards(state.get("shards"), urls)}
+    if state is None or state.get("shards") is None or resampled:
+        logger.warning("the checkpoint's data position does not fit this run's ranks x workers: the data stream starts"
+                       " over (samples seen before may repeat)")
+        return None
+    plan = expand_shards(state["shards"], urls)
+    first = min(entry[0] for entry in plan.values())
+    unfinished = sum(1 for entry in plan.values() if entry[0] == first or entry[1] or entry[3])
+    pending = sum(len(entry[3]) for entry in plan.values())
+    logger.info(f"the checkpoint's data state is from {state.get('consumers', len(state['samples_read']))} consumers"
+                f" (ranks x workers), this run has {consumers}: the rest of pass {first} is dealt out to them"
+                f" ({unfinished} of {len(plan)} shards unfinished; {pending} samples that sat in shuffle buffers are"
+                " read again), and nothing trained in it is trained again")
+    return {"positions": None, "plan": plan, "shards": plan}
 
 
 class IntervalMeter:
@@ -2092,37 +2383,74 @@ def use_channels_last(unet, vae, controlnet, args):
 
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # what SLURM and spot instances send before they kill a job
+STOP_GRACE = 15  # seconds a single-process run waits for data, once a stop has arrived, before it stops at once
 
 
-def install_stop_handler():
-    """-> a function that says why training should stop now (None: it should not), checked at logging steps by all
-    ranks at once. A stop signal only sets a flag. A launcher's exit is a stop too: an `accelerate launch` or torchrun
-    that dies of a signal it does not handle (SIGUSR1 kills it) leaves its ranks running in their own sessions, and
-    they save and end instead of training on unsupervised."""
-    received = []
+class StopDuringStall(Exception):
+    """A stop that a single-process run honours at once: it has waited STOP_GRACE seconds for data."""
 
-    def handler(signum, frame):
-        received.append(signal.Signals(signum).name)
 
-    for sig in STOP_SIGNALS:
-        signal.signal(sig, handler)
-    launched = "TORCHELASTIC_RUN_ID" in os.environ or "ACCELERATE_DYNAMO_BACKEND" in os.environ
-    launcher = os.getppid() if launched else None
+class StopRequests:
+    """Call it: why training should stop now (None: it should not), checked at logging steps by all ranks at once.
+    A stop signal only sets a flag. A launcher's exit is a stop too: an `accelerate launch` or torchrun that dies of
+    a signal it does not handle (SIGUSR1 kills it) leaves its ranks running in their own sessions, and they save and
+    end instead of training on unsupervised.
 
-    def stop_requested():
-        if received:
-            return received[0]
-        if launcher is not None and os.getppid() != launcher:
+    With `interrupt_stalls` (one process), a stop that finds the run waiting for data (`waiting`) for STOP_GRACE
+    seconds raises StopDuringStall in that wait, so that stalled shards cannot hold a stop up for as long as the
+    watchdog's --shard_timeout. Several ranks cannot leave a wait on their own (the others would be left in a step's
+    collective): they stop at the first logging step after the watchdog has freed their consumers.
+    """
+
+    def __init__(self):
+        self.received, self.wait_started, self.interrupt_stalls = [], None, False
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, self.handler)
+        signal.signal(signal.SIGALRM, lambda signum, frame: self.check_wait())  # the grace's end, see check_wait
+        launched = "TORCHELASTIC_RUN_ID" in os.environ or "ACCELERATE_DYNAMO_BACKEND" in os.environ
+        self.launcher = os.getppid() if launched else None
+
+    def __call__(self):
+        if self.received:
+            return self.received[0]
+        if self.launcher is not None and os.getppid() != self.launcher:
             return "launcher exit"
         return None
 
-    return stop_requested
+    def handler(self, signum, frame):
+        self.received.append(signal.Signals(signum).name)
+        self.check_wait()
+
+    def check_wait(self):
+        if not (self.interrupt_stalls and self.received and self.wait_started is not None):
+            return
+        waited = time.monotonic() - self.wait_started
+        if waited >= STOP_GRACE:
+            raise StopDuringStall(self.received[0])
+        signal.setitimer(signal.ITIMER_REAL, STOP_GRACE - waited + 0.01)  # then SIGALRM checks again
+
+    @contextlib.contextmanager
+    def waiting(self):
+        self.wait_started = time.monotonic()
+        try:
+            self.check_wait()
+            yield
+        finally:
+            self.wait_started = None
+
+
+def stop_notice(reason, step, saved, while_stalled=False):
+    where = " while waiting for data from stalled shards" if while_stalled else ""
+    done = f"after saving checkpoint-{step}" if saved else "(no step trained since the run started: nothing to save)"
+    logger.warning(f"{reason} received{where}: stopped at step {step} {done}; run the same command with"
+                   " --resume_from_checkpoint=latest to continue")
 
 
 @contextlib.contextmanager
 def endless_batches(loader):
-    """The loader's batch stream; on the way out (done, stopped or crashed) its workers are shut down. They ignore
-    stop signals, so multiprocessing's exit-time cleanup could not end them and would wait for them forever."""
+    """The loader's batch stream; on the way out (done, stopped or crashed) its workers are shut down. They survive
+    stop signals, so multiprocessing's exit-time cleanup could not end them and would wait for them forever; one
+    stuck in a stalled read survives torch's own shutdown too, and is killed with the commands it started."""
     iterator = iter(loader)
     try:
         yield iterator
@@ -2130,13 +2458,19 @@ def endless_batches(loader):
         shutdown = getattr(iterator, "_shutdown_workers", None)  # absent with --dataloader_num_workers=0
         if shutdown:
             shutdown()
+            for worker in getattr(iterator, "_workers", ()):
+                if worker.is_alive():
+                    kill_tree(worker.pid)
 
 
-def ignore_stop_signals(worker_id):
-    """Dataloader workers ignore stop signals (torch makes them die of SIGTERM): SLURM signals every process of the
-    job, and the main process still needs its data to reach the next logging step and save. The workers end with it."""
+def survive_stop_signals(worker_id):
+    """Dataloader workers survive stop signals (torch makes them die of SIGTERM): SLURM signals every process of the
+    job, and the main process still needs its data to reach the next logging step and save. The workers end with it.
+    A handler that does nothing, not SIG_IGN: an ignored signal stays ignored in every command a worker starts (its
+    `pipe:` shards), a handled one is back to its default there."""
     for sig in STOP_SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)
+        signal.signal(sig, lambda signum, frame: None)
+    multiprocessing.util.Finalize(None, end_commands, exitpriority=100)  # workers exit without atexit
 
 
 class DropNotices(logging.Filter):
@@ -2179,7 +2513,7 @@ def main(args):
     from diffusers.optimization import get_scheduler
     from tqdm.auto import tqdm
 
-    stop_requested = install_stop_handler()  # first: a stop asked for while the models load is honoured too
+    stop_requested = StopRequests()  # first: a stop asked for while the models load is honoured too
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
@@ -2300,30 +2634,30 @@ def main(args):
                           if k not in ("hub_token", "validation_prompt", "validation_image")}
         accelerator.init_trackers(args.tracker_project_name, config=tracker_config)
 
-    global_step, data_positions = 0, None
+    urls = wds.shardlists.expand_urls(args.train_shards_path_or_url)
+    consumers = accelerator.num_processes * max(1, args.dataloader_num_workers)
+    global_step, data_resume = 0, None
     if args.resume_from_checkpoint:
         found = load_checkpoint(accelerator, resolve_checkpoint(args.resume_from_checkpoint, args.output_dir))
         if found is None:
             accelerator.print(f"Checkpoint '{args.resume_from_checkpoint}' does not exist. Starting a new training run.")
         else:
             global_step, path = found
-            if os.path.exists(os.path.join(path, DATA_STATE)):
-                with open(os.path.join(path, DATA_STATE)) as f:
-                    data_positions = json.load(f)["samples_read"]
-            consumers = accelerator.num_processes * max(1, args.dataloader_num_workers)
-            if data_positions is None or len(data_positions) != consumers:
-                logger.warning("the checkpoint's data position does not fit this run's ranks x workers: the data"
-                               " stream starts over (samples seen before may repeat)")
-                data_positions = None
+            data_resume = resume_data(path, consumers, args.resampled_shards, urls)
 
     # The loader is kept out of accelerator.prepare: each rank reads its own shards (see consumer_samples) instead
     # of rank 0 reading for everyone and broadcasting.
     held_out = set(zip(holdout["urls"], holdout["keys"])) if holdout else ()
-    train_dataloader = make_train_dataloader(args, tokenizer, held_out, data_positions)
-    progress = DataProgress(accelerator, args.dataloader_num_workers, data_positions)
+    train_dataloader = make_train_dataloader(args, tokenizer, held_out, data_resume)
+    progress = DataProgress(accelerator, args.dataloader_num_workers, data_resume, urls)
+    stop_requested.interrupt_stalls = accelerator.num_processes == 1
+    first_step = global_step
+
+    def save_state(step):
+        save_checkpoint(accelerator, args, step, progress.state(accelerator), unwrap_model(controlnet))
 
     logger.info("***** Running training *****")
-    logger.info(f"  Shards = {len(wds.shardlists.expand_urls(args.train_shards_path_or_url))}")
+    logger.info(f"  Shards = {len(urls)}")
     logger.info(f"  Num Epochs = {args.num_train_epochs} of {num_update_steps_per_epoch} steps")
     logger.info(f"  Instantaneous batch size per device = {args.train_batch_size}")
     logger.info(f"  Total train batch size (w. parallel, distributed & accumulation) = {samples_per_step}")
@@ -2363,8 +2697,16 @@ def main(args):
             accelerator.wait_for_everyone()
     with endless_batches(train_dataloader) as batches:
         while global_step < args.max_train_steps:
-            with meter.waiting_for_data():
-                batch = next(batches)
+            try:
+                with meter.waiting_for_data(), stop_requested.waiting():
+                    batch = next(batches)
+            except StopDuringStall as stop:
+                stopped_by = str(stop)
+                if global_step > first_step:
+                    with meter.paused():
+                        save_state(global_step)
+                stop_notice(stopped_by, global_step, saved=global_step > first_step, while_stalled=True)
+                break
             progress.update(batch)
             if keys_file:
                 keys_file.writelines(f"{global_step + 1} {batch['consumer']} {key}\n" for key in batch["keys"])
@@ -2399,13 +2741,12 @@ def main(args):
             if checkpoint_due or validation_due:
                 with meter.paused():
                     if checkpoint_due:
-                        save_checkpoint(accelerator, args, global_step, progress.positions(accelerator), unwrap_model(controlnet))
+                        save_state(global_step)
                     if accelerator.is_main_process and validation_due:
                         image_logs = validate(global_step, unwrap_model(controlnet))
                     accelerator.wait_for_everyone()  # so that no rank counts rank 0's validation as training time
             if stopped_by:
-                logger.warning(f"{stopped_by} received: stopped at step {global_step} after saving checkpoint-{global_step};"
-                               " run the same command with --resume_from_checkpoint=latest to continue")
+                stop_notice(stopped_by, global_step, saved=True)
                 break
     progress_bar.close()
     if keys_file:
