@@ -9,6 +9,9 @@ from test_train import base_args
 
 TRAINED_BASE = str(ROOT / "tools" / "tiny-sd-trained")
 STEPS = 150
+# The suite's longest runs. The limit only catches a hang: on two xdist workers of a busy 2-core machine a run of
+# 150 steps at batch 8 can take several minutes.
+TIMEOUT = 900
 
 
 def test_shipped_base_has_learned_to_draw():
@@ -23,7 +26,7 @@ def test_controlnet_follows_its_condition_after_a_short_run(shards, tmp_path):
     out = str(tmp_path / "out")
     proc = run_cli(base_args(TRAINED_BASE, shards, out, max_train_steps=STEPS, train_batch_size=8, learning_rate=1e-3,
                              lr_warmup_steps=0, logging_steps=50, validation_steps=STEPS, checkpointing_steps=1000,
-                             num_holdout_samples=16, dataloader_num_workers=1), cwd=tmp_path)
+                             num_holdout_samples=16, dataloader_num_workers=1), cwd=tmp_path, timeout=TIMEOUT)
     assert_ok(proc)
     rows = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl"))]
     held = [r for r in rows if "holdout/condition_gap" in r]
@@ -50,7 +53,7 @@ def test_controlnet_learns_from_realesrgan_conditions_at_several_factors(shards,
     proc = run_cli(base_args(TRAINED_BASE, shards, out, max_train_steps=steps, train_batch_size=8, learning_rate=1e-3,
                              lr_warmup_steps=0, logging_steps=30, validation_steps=steps, checkpointing_steps=1000,
                              num_holdout_samples=16, dataloader_num_workers=1, condition_degradation="realesrgan")
-                   + ["--condition_scales", "2", "3", "4", "6", "8"], cwd=tmp_path)
+                   + ["--condition_scales", "2", "3", "4", "6", "8"], cwd=tmp_path, timeout=TIMEOUT)
     assert_ok(proc)
     rows = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl"))]
     held = [r for r in rows if "holdout/condition_gap" in r]
