@@ -26,6 +26,8 @@ import socket
 import subprocess
 import tempfile
 import time
+import zipfile
+import zlib
 from datetime import timedelta
 from functools import lru_cache, partial
 from pathlib import Path
@@ -616,7 +618,11 @@ def enlarge_condition(condition, size, interpolation, device=None):
         enlarged = [None] * len(condition)
         for shape in dict.fromkeys(c.shape for c in condition):
             index = [i for i, c in enumerate(condition) if c.shape == shape]
-            for i, e in zip(index, enlarge_condition(torch.stack([condition[i] for i in index]), size, interpolation, device)):
+            # Each condition is copied as the loader pinned it and stacked on the device: a stack on the host would
+            # be pageable memory again. (The PIL filters stack on the host, and pin what they make.)
+            group = [condition[i] if interpolation not in TORCH_FILTERS or device is None
+                     else condition[i].to(device, non_blocking=True) for i in index]
+            for i, e in zip(index, enlarge_condition(torch.stack(group), size, interpolation, device)):
                 enlarged[i] = e
         return torch.stack(enlarged)
     device = condition.device if device is None else device
@@ -626,7 +632,14 @@ def enlarge_condition(condition, size, interpolation, device=None):
         return (enlarged / 255).clamp(0, 1)
     if condition.device.type != "cpu":
         raise ValueError(f"--interpolation={interpolation} enlarges on the CPU; got a {condition.device} tensor")
-    return (torch.stack([resize(c, size, interpolation) for c in condition]).float() / 255).to(device, non_blocking=True)
+    enlarged = pinned(torch.stack([resize(c, size, interpolation) for c in condition]), device)
+    return enlarged.to(device, non_blocking=True).float() / 255
+
+
+def pinned(tensor, device):
+    """A host tensor made on the way to a GPU, in pinned memory: a non_blocking copy from pageable memory is a
+    synchronous one (cudaMemcpyAsync stages it and waits)."""
+    return tensor.pin_memory() if torch.device(device).type == "cuda" else tensor
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1521,6 +1534,7 @@ def load_tile_config(directory):
 # Checkpoints
 
 DATA_STATE = "data_state.json"
+MANIFEST = "checkpoint_manifest.json"  # written last: a checkpoint with one is complete if every file matches it
 
 
 def list_checkpoints(output_dir):
@@ -1531,19 +1545,78 @@ def list_checkpoints(output_dir):
     return sorted(found)
 
 
-def checkpoint_problem(path):
-    """Why `path` is not a complete, readable checkpoint of this script (None if it is). Reads headers only."""
+def checkpoint_files(path):
+    """Every file under `path`, as paths relative to it, sorted."""
+    return sorted(os.path.relpath(os.path.join(root, name), path) for root, _, names in os.walk(path) for name in names)
+
+
+def file_checksum(path):
+    """CRC32 of a file's bytes: ~1.6 GB/s on one core, enough to tell a cut or torn file from a whole one."""
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def fsync_path(path):
+    """Push a file's data, or a directory's entries, to the disk: an atomic rename alone survives a power loss with
+    short or empty files under the new name."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_manifest(path):
+    """Main process, once every rank's files are written and synced: each file's size and checksum, written last
+    and synced with the folders, so that the manifest's presence says the checkpoint is whole on the disk."""
+    files = {name: {"size": os.path.getsize(os.path.join(path, name)), "crc32": file_checksum(os.path.join(path, name))}
+             for name in checkpoint_files(path)}
+    with open(os.path.join(path, MANIFEST), "w") as f:
+        json.dump({"files": files}, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    for folder in {os.path.dirname(os.path.join(path, name)) for name in files} | {path}:
+        fsync_path(folder)
+
+
+def manifest_problem(path, checksums=True):
+    """Why the files of a checkpoint with a manifest do not match it (None if they do)."""
+    with open(os.path.join(path, MANIFEST)) as f:
+        files = json.load(f)["files"]
+    for name, expected in files.items():
+        file = os.path.join(path, name)
+        if not os.path.isfile(file):
+            return f"{name} is missing"
+        if os.path.getsize(file) != expected["size"]:
+            return f"{name} has {os.path.getsize(file)} bytes, {expected['size']} were written"
+        if checksums and file_checksum(file) != expected["crc32"]:
+            return f"{name} is damaged (checksum mismatch)"
+    return None
+
+
+def checkpoint_problem(path, checksums=True):
+    """Why `path` is not a complete, readable checkpoint of this script (None if it is).
+
+    A checkpoint with a manifest is checked against it (every file's size, and its checksum unless `checksums` is
+    False). One without (written by upstream's script) gets structural checks: the model's header, and each torch
+    file's zip directory, which sits at the file's end, so that a cut file fails.
+    """
     from safetensors import safe_open
 
     try:
+        if os.path.exists(os.path.join(path, MANIFEST)):
+            return manifest_problem(path, checksums)
         with open(os.path.join(path, "controlnet", "config.json")) as f:
             json.load(f)
         with safe_open(os.path.join(path, "controlnet", "diffusion_pytorch_model.safetensors"), "pt") as f:
             f.keys()
-        for name in ("optimizer.bin", "scheduler.bin", "random_states_0.pkl"):
-            with open(os.path.join(path, name), "rb") as f:
-                if f.read(4) != b"PK\x03\x04":  # torch.save's zip container
-                    return f"{name} is not a torch checkpoint file"
+        rng_states = [n for n in os.listdir(path) if n.startswith("random_states_") and n.endswith(".pkl")]
+        for name in ["optimizer.bin", "scheduler.bin"] + sorted(rng_states or ["random_states_0.pkl"]):
+            with zipfile.ZipFile(os.path.join(path, name)):  # torch.save's container: its directory is read
+                pass
         if os.path.exists(os.path.join(path, DATA_STATE)):  # absent in checkpoints of upstream's script
             with open(os.path.join(path, DATA_STATE)) as f:
                 json.load(f)
@@ -1552,19 +1625,26 @@ def checkpoint_problem(path):
     return None
 
 
-def resolve_checkpoint(spec, output_dir):
-    """--resume_from_checkpoint -> (step, path), or None for 'latest' with no usable checkpoint.
+def usable_checkpoints(output_dir, checksums=True):
+    """(step, path) of each complete checkpoint in output_dir, newest first; each damaged or foreign one on the way
+    is named in one warning, once it is reached."""
+    for step, path in reversed(list_checkpoints(output_dir)):
+        problem = checkpoint_problem(path, checksums)
+        if problem is None:
+            yield step, path
+        else:
+            logger.warning(f"ignoring {path}: not a usable checkpoint ({problem})")
 
-    'latest' is the newest complete checkpoint; incomplete, foreign or unreadable ones are skipped with a warning.
-    An explicit path (or checkpoint name in output_dir) must be a valid checkpoint: ValueError otherwise.
+
+def resolve_checkpoint(spec, output_dir):
+    """--resume_from_checkpoint -> [(step, path)] to try in turn, newest first ([] for 'latest' with none usable).
+
+    'latest' gives every complete checkpoint, so that a load that fails anyway falls back to the next older one;
+    incomplete, damaged or foreign ones are skipped with a warning. An explicit path (or checkpoint name in
+    output_dir) must be a valid checkpoint: ValueError otherwise.
     """
     if spec == "latest":
-        for step, path in reversed(list_checkpoints(output_dir)):
-            problem = checkpoint_problem(path)
-            if problem is None:
-                return step, path
-            logger.warning(f"ignoring {path}: not a usable checkpoint ({problem})")
-        return None
+        return usable_checkpoints(output_dir)
     path = spec if os.path.isdir(spec) else os.path.join(output_dir, spec)
     m = CHECKPOINT_RE.match(os.path.basename(os.path.normpath(path)))
     if not (m and os.path.isdir(path)):
@@ -1572,12 +1652,12 @@ def resolve_checkpoint(spec, output_dir):
     problem = checkpoint_problem(path)
     if problem is not None:
         raise ValueError(f"{path} is not a usable checkpoint ({problem})")
-    return int(m.group(1)), path
+    return iter([(int(m.group(1)), path)])
 
 
 def newest_checkpoint(output_dir):
-    """For error messages: where the user's training can be resumed from."""
-    found = resolve_checkpoint("latest", output_dir)
+    """For error messages: where the user's training can be resumed from (sizes checked, not checksums)."""
+    found = next(usable_checkpoints(output_dir, checksums=False), None)
     return f"the newest complete checkpoint is {found[1]}" if found else "there is no complete checkpoint yet"
 
 
@@ -1588,11 +1668,34 @@ def check_finite_weights(model, what):
         raise SystemExit(f"error: not writing {what}: the ControlNet's weights are not finite")
 
 
-def save_checkpoint(accelerator, args, step, data_positions, controlnet):
-    """Every rank: write checkpoint-N under a temporary name; rank 0 renames it once complete, then prunes.
+def failed_on_any_rank(accelerator, failure):
+    """Whether `failure` (an exception or None) happened on any rank (collective: every rank must call it)."""
+    failed = accelerator.reduce(torch.tensor([failure is not None], dtype=torch.float64, device=accelerator.device), "sum")
+    return bool(failed.item())
 
-    A crash or kill at any moment leaves either the previous checkpoints alone or the new one complete. A write that
-    fails on any rank (a full disk) removes the partial checkpoint and stops every rank with one error.
+
+def write_checkpoint_files(accelerator, path, step, data_positions):
+    """Every rank: accelerate's state and the data state into `path`, each file synced to the disk by the rank that
+    wrote it. -> the exception that stopped it (a full disk), or None."""
+    try:
+        accelerator.save_state(path)  # rank 0 writes model/optimizer/scheduler, each rank its RNG state
+        if accelerator.is_main_process:
+            with open(os.path.join(path, DATA_STATE), "w") as f:
+                json.dump({"step": step, "samples_read": data_positions}, f)
+        written = checkpoint_files(path) if accelerator.is_main_process else [f"random_states_{accelerator.process_index}.pkl"]
+        for name in written:
+            fsync_path(os.path.join(path, name))
+    except Exception as exn:  # ENOSPC, EDQUOT, EIO... surface from torch.save as RuntimeError, from open as OSError
+        return exn
+    return None
+
+
+def save_checkpoint(accelerator, args, step, data_positions, controlnet):
+    """Every rank: write checkpoint-N under a temporary name; rank 0 adds the manifest once every rank's files are on
+    the disk, renames it, then prunes.
+
+    A crash, kill or power loss at any moment leaves either the previous checkpoints alone or the new one complete.
+    A write that fails on any rank (a full disk) removes the partial checkpoint and stops every rank with one error.
     """
     final = os.path.join(args.output_dir, f"checkpoint-{step}")
     partial_path = os.path.join(args.output_dir, f".checkpoint-{step}.partial")
@@ -1600,16 +1703,13 @@ def save_checkpoint(accelerator, args, step, data_positions, controlnet):
     if accelerator.is_main_process:
         shutil.rmtree(partial_path, ignore_errors=True)
     accelerator.wait_for_everyone()
-    failure = None
-    try:
-        accelerator.save_state(partial_path)  # rank 0 writes model/optimizer/scheduler, each rank its RNG state
-        if accelerator.is_main_process:
-            with open(os.path.join(partial_path, DATA_STATE), "w") as f:
-                json.dump({"step": step, "samples_read": data_positions}, f)
-    except Exception as exn:  # ENOSPC, EDQUOT, EIO... surface from torch.save as RuntimeError, from open as OSError
-        failure = exn
-    failed = accelerator.reduce(torch.tensor([failure is not None], dtype=torch.float64, device=accelerator.device), "sum")
-    if failed.item():
+    failure = write_checkpoint_files(accelerator, partial_path, step, data_positions)
+    if not failed_on_any_rank(accelerator, failure) and accelerator.is_main_process:
+        try:
+            write_manifest(partial_path)
+        except OSError as exn:
+            failure = exn
+    if failed_on_any_rank(accelerator, failure):
         if accelerator.is_main_process:
             shutil.rmtree(partial_path, ignore_errors=True)
         raise SystemExit(f"error: could not write checkpoint-{step} ({failure or 'failed on another rank'}); the partial"
@@ -1618,12 +1718,45 @@ def save_checkpoint(accelerator, args, step, data_positions, controlnet):
     if accelerator.is_main_process:
         shutil.rmtree(final, ignore_errors=True)
         os.replace(partial_path, final)
+        fsync_path(args.output_dir)  # the rename itself
         logger.info(f"Saved state to {final}")
         if args.checkpoints_total_limit is not None:
-            for _, old in list_checkpoints(args.output_dir)[: -args.checkpoints_total_limit]:
-                logger.info(f"removing checkpoint {old} (--checkpoints_total_limit={args.checkpoints_total_limit})")
-                shutil.rmtree(old)
+            prune_checkpoints(args.output_dir, args.checkpoints_total_limit, keep=final)
     accelerator.wait_for_everyone()
+
+
+def prune_checkpoints(output_dir, limit, keep):
+    """Remove all but the newest `limit` checkpoints, never `keep` (the one just written and verified): a damaged or
+    stale checkpoint of a later step, left by an earlier run, must not push it out."""
+    for _, old in list_checkpoints(output_dir)[:-limit]:
+        if old != keep:
+            logger.info(f"removing checkpoint {old} (--checkpoints_total_limit={limit})")
+            shutil.rmtree(old)
+
+
+def load_checkpoint(accelerator, candidates):
+    """accelerator.load_state of the first of `candidates` ((step, path), newest first) that loads on every rank ->
+    its (step, path), or None if there was none. A load that fails anyway (damage no check saw) falls back to the
+    next older checkpoint; if none loads, the run stops, since a failed load may have changed some of the state."""
+    tried = []
+    for step, path in candidates:
+        accelerator.print(f"Resuming from checkpoint {path}")
+        failure = None
+        try:
+            accelerator.load_state(path)
+        except Exception as exn:
+            failure = exn
+        if not failed_on_any_rank(accelerator, failure):
+            if not os.path.exists(os.path.join(path, f"random_states_{accelerator.process_index}.pkl")):
+                logger.warning(f"{path} holds no random state for rank {accelerator.process_index} (written by fewer"
+                               " ranks): this rank's random streams start afresh, so the resume is not exact")
+            return step, path
+        logger.warning(f"could not load {path} ({failure or 'failed on another rank'}); trying the next older checkpoint")
+        tried.append(path)
+    if tried:
+        raise SystemExit(f"error: no checkpoint could be loaded (tried {', '.join(tried)}); rerun without"
+                         " --resume_from_checkpoint to start over, or point it at a good checkpoint")
+    return None
 
 
 def save_final_model(controlnet, args):
@@ -1694,7 +1827,8 @@ def enable_xformers(models, device):
 
 class PromptEncoder:
     """The frozen text encoder, with the empty caption's states computed once: with --proportion_empty_prompts
-    those rows need no encoder pass. Token ids stay on the CPU until needed, so the check costs no device sync."""
+    those rows need no encoder pass. Which rows are empty is read from the token ids on the host, and the rows are
+    taken and put back in runs, by slicing: no index tensor crosses to the device (a blocking copy, a host sync)."""
 
     def __init__(self, text_encoder, tokenizer, device):
         self.text_encoder, self.device = text_encoder, device
@@ -1705,15 +1839,22 @@ class PromptEncoder:
             self.empty_states = text_encoder(self.empty_ids.to(device), return_dict=False)[0]
 
     def __call__(self, input_ids):
-        empty = (input_ids == self.empty_ids).all(dim=1)
-        if not empty.any():
-            return self.text_encoder(input_ids.to(self.device, non_blocking=True), return_dict=False)[0]
-        states = self.empty_states.expand(len(input_ids), -1, -1).clone()
-        keep = (~empty).nonzero().squeeze(1)
-        if len(keep):
-            encoded = self.text_encoder(input_ids[keep].to(self.device, non_blocking=True), return_dict=False)[0]
-            states.index_copy_(0, keep.to(self.device), encoded)
-        return states
+        ids = input_ids.to(self.device, non_blocking=True)  # the loader's pinned batch
+        empty = (input_ids == self.empty_ids).all(dim=1).tolist()
+        if not any(empty):
+            return self.text_encoder(ids, return_dict=False)[0]
+        runs, start = [], 0  # (is empty, first row, rows) of each run of alike rows
+        for is_empty, rows in itertools.groupby(empty):
+            n = len(list(rows))
+            runs.append((is_empty, start, n))
+            start += n
+        kept = [ids[first:first + n] for is_empty, first, n in runs if not is_empty]
+        encoded = self.text_encoder(torch.cat(kept), return_dict=False)[0] if kept else None
+        parts, done = [], 0
+        for is_empty, first, n in runs:
+            parts.append(self.empty_states.expand(n, -1, -1) if is_empty else encoded[done:done + n])
+            done += 0 if is_empty else n
+        return torch.cat(parts)
 
 
 def load_tokenizer(args):
@@ -1898,9 +2039,52 @@ def train_step(batch, models, noise_scheduler, optimizer, lr_scheduler, encode_p
             meter.end_step(grad_norm, finite, scaled)
         if finite or scaled:  # fp16's scaler skips a non-finite step itself, and must see it to lower its scale
             optimizer.step()
+        if finite:  # a fused AdamW takes the scaler's skip inside its kernel, unseen by accelerate's scheduler
             lr_scheduler.step()
         optimizer.zero_grad(set_to_none=args.set_grads_to_none)
     return finite
+
+
+def make_optimizer(args, parameters):
+    """AdamW as the flags choose it, whose implementation (fused, foreach or for-loop) stays this run's choice on a
+    resume. load_state_dict restores the checkpoint's `fused`/`foreach` flags into the param groups while the
+    optimizer keeps the GradScaler protocol its constructor chose: a fused AdamW resumed from a non-fused checkpoint
+    would fail at fp16's first step ("Expected grad_scale and found_inf to be None"), the reverse stay fused."""
+    if args.use_8bit_adam:
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise ImportError("To use 8-bit Adam, install bitsandbytes: `pip install bitsandbytes`.")
+        optimizer_class = bnb.optim.AdamW8bit
+    else:
+        optimizer_class = partial(torch.optim.AdamW, fused=args.use_fused_adam or None)
+    optimizer = optimizer_class(
+        parameters,
+        lr=args.learning_rate,
+        betas=(args.adam_beta1, args.adam_beta2),
+        weight_decay=args.adam_weight_decay,
+        eps=args.adam_epsilon,
+    )
+    chosen = [{k: group[k] for k in ("fused", "foreach") if k in group} for group in optimizer.param_groups]
+
+    def keep_chosen_implementation(optimizer):
+        for group, flags in zip(optimizer.param_groups, chosen):
+            group.update(flags)
+
+    optimizer.register_load_state_dict_post_hook(keep_chosen_implementation)
+    return optimizer
+
+
+def use_channels_last(unet, vae, controlnet, args):
+    """--channels_last. bitsandbytes' 8-bit optimizers make every parameter contiguous at their first step (their
+    kernels need it): with --use_8bit_adam the ControlNet's conv weights would change layout after step 1, and DDP
+    warn of mismatched gradient strides at every step, so they stay contiguous from the start."""
+    trained = () if args.use_8bit_adam else (controlnet,)
+    for model in (unet, vae) + trained:
+        model.to(memory_format=torch.channels_last)
+    if not trained:
+        logger.info("--channels_last with --use_8bit_adam: the frozen UNet and VAE use channels_last; the ControlNet's"
+                    " weights stay contiguous, as bitsandbytes' optimizer needs them")
 
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # what SLURM and spot instances send before they kill a job
@@ -2065,8 +2249,7 @@ def main(args):
     if args.gradient_checkpointing:
         controlnet.enable_gradient_checkpointing()
     if args.channels_last:
-        for model in (unet, controlnet, vae):
-            model.to(memory_format=torch.channels_last)
+        use_channels_last(unet, vae, controlnet, args)
     if args.torch_compile:
         for model in (unet, controlnet):
             model.compile(backend=args.torch_compile)  # in place: the modules keep their class, state_dict keys and save_pretrained
@@ -2078,21 +2261,7 @@ def main(args):
     if args.scale_lr:
         args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
 
-    if args.use_8bit_adam:
-        try:
-            import bitsandbytes as bnb
-        except ImportError:
-            raise ImportError("To use 8-bit Adam, install bitsandbytes: `pip install bitsandbytes`.")
-        optimizer_class = bnb.optim.AdamW8bit
-    else:
-        optimizer_class = partial(torch.optim.AdamW, fused=args.use_fused_adam or None)
-    optimizer = optimizer_class(
-        controlnet.parameters(),
-        lr=args.learning_rate,
-        betas=(args.adam_beta1, args.adam_beta2),
-        weight_decay=args.adam_weight_decay,
-        eps=args.adam_epsilon,
-    )
+    optimizer = make_optimizer(args, controlnet.parameters())
 
     # Epoch length comes from --max_train_samples, as in diffusers' webdataset scripts.
     samples_per_step = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
@@ -2129,13 +2298,11 @@ def main(args):
 
     global_step, data_positions = 0, None
     if args.resume_from_checkpoint:
-        found = resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)
+        found = load_checkpoint(accelerator, resolve_checkpoint(args.resume_from_checkpoint, args.output_dir))
         if found is None:
             accelerator.print(f"Checkpoint '{args.resume_from_checkpoint}' does not exist. Starting a new training run.")
         else:
             global_step, path = found
-            accelerator.print(f"Resuming from checkpoint {path}")
-            accelerator.load_state(path)
             if os.path.exists(os.path.join(path, DATA_STATE)):
                 with open(os.path.join(path, DATA_STATE)) as f:
                     data_positions = json.load(f)["samples_read"]
