@@ -1493,31 +1493,16 @@ def validation_pipeline(vae, text_encoder, tokenizer, unet, controlnet, noise_sc
     """diffusers' ControlNet pipeline of the base's family (text_encoder and tokenizer as PromptEncoder takes them)."""
     from diffusers import StableDiffusionControlNetPipeline, StableDiffusionXLControlNetPipeline, UniPCMultistepScheduler
 
-    scheduler = UniPCMultistepScheduler.from_config(noise_scheduler.config)
+    shared = dict(vae=vae, unet=unet, controlnet=controlnet,
+                  scheduler=UniPCMultistepScheduler.from_config(noise_scheduler.config))
     if isinstance(text_encoder, torch.nn.ModuleList):
         pipeline = StableDiffusionXLControlNetPipeline(
-            vae=vae,
-            text_encoder=text_encoder[0],
-            text_encoder_2=text_encoder[1],
-            tokenizer=tokenizer[0],
-            tokenizer_2=tokenizer[1],
-            unet=unet,
-            controlnet=controlnet,
-            scheduler=scheduler,
-            add_watermarker=False,
-        )
+            text_encoder=text_encoder[0], text_encoder_2=text_encoder[1], tokenizer=tokenizer[0],
+            tokenizer_2=tokenizer[1], add_watermarker=False, **shared)
     else:
         pipeline = StableDiffusionControlNetPipeline(
-            vae=vae,
-            text_encoder=text_encoder,
-            tokenizer=tokenizer,
-            unet=unet,
-            controlnet=controlnet,
-            scheduler=scheduler,
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
+            text_encoder=text_encoder, tokenizer=tokenizer, safety_checker=None, feature_extractor=None,
+            requires_safety_checker=False, **shared)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
 

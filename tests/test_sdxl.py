@@ -192,7 +192,8 @@ def test_controlnet_learns_on_the_trained_tiny_sdxl_base(shards, tmp_path):
     out = str(tmp_path / "out")
     proc = run_cli(base_args(TRAINED_SDXL, shards, out, max_train_steps=STEPS, train_batch_size=8, learning_rate=1e-3,
                              lr_warmup_steps=0, logging_steps=STEPS // 2, validation_steps=STEPS // 2,
-                             checkpointing_steps=1000, num_holdout_samples=8, dataloader_num_workers=1), cwd=tmp_path)
+                             checkpointing_steps=1000, num_holdout_samples=8, dataloader_num_workers=1), cwd=tmp_path,
+                   timeout=900)
     assert_ok(proc)
     rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     held = [r for r in rows if "holdout/condition_gap" in r]
