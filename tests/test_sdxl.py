@@ -199,6 +199,9 @@ def test_controlnet_learns_on_the_trained_tiny_sdxl_base(shards, tmp_path):
     held = [r for r in rows if "holdout/condition_gap" in r]
     gaps = [r["holdout/condition_gap"] for r in held]
     assert [r["step"] for r in held] == [0, STEPS // 2, STEPS], held
-    assert gaps[0] == 0.0 and 0 < gaps[1] < gaps[2], gaps
-    end = held[-1]
-    assert end["holdout/condition_psnr"] > end["holdout/condition_psnr_rolled"], end
+    # Measured here: gap +0.000 -> +0.34 (step 60) -> +0.71 (step 120); condition PSNR 16.57 -> 17.61 dB against a
+    # rolled control of 13.16 dB.
+    assert gaps[0] == 0.0 and 0.1 < gaps[1] < gaps[2] and gaps[2] > 0.3, gaps
+    start, end = held[0], held[-1]
+    assert end["holdout/condition_psnr"] > end["holdout/condition_psnr_rolled"] + 2.0, end
+    assert end["holdout/condition_psnr"] > start["holdout/condition_psnr"], held
