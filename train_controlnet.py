@@ -77,7 +77,15 @@ def make_parser():
         "--pretrained_model_name_or_path",
         type=str,
         default="lambdalabs/miniSD-diffusers",
-        help="Path to a pretrained SD-1.x model folder or hub identifier.",
+        help="Path to a pretrained model folder or hub identifier: SD-1.x, SD-2.x or SDXL (the family is read from"
+        " its UNet's config).",
+    )
+    parser.add_argument(
+        "--pretrained_vae_model_name_or_path",
+        type=str,
+        default=None,
+        help="Path or hub identifier of a VAE to use instead of the base's, e.g. madebyollin/sdxl-vae-fp16-fix. Under"
+        " fp16 an SDXL VAE whose config says force_upcast (the stock one overflows in fp16) stays float32.",
     )
     parser.add_argument(
         "--controlnet_model_name_or_path",
@@ -190,7 +198,8 @@ def make_parser():
     parser.add_argument(
         "--gradient_checkpointing",
         action="store_true",
-        help="Use gradient checkpointing in the ControlNet to save memory at the expense of a slower backward pass.",
+        help="Use gradient checkpointing in the ControlNet (and, for SDXL, in the frozen UNet, whose activations"
+        " dominate its memory) to save memory at the expense of a slower backward pass.",
     )
     parser.add_argument("--learning_rate", type=float, default=5e-6, help="Learning rate after warmup.")
     parser.add_argument(
@@ -387,6 +396,7 @@ def make_parser():
         help="Seconds a rank may wait in a collective (e.g. while rank 0 validates or saves) before aborting.",
     )
 
+    parser.set_defaults(family="sd")  # not a flag: check_args reads it from the base's UNet config (base_family)
     return parser
 
 
@@ -466,8 +476,13 @@ def check_args(args, error):
         error(f"--output_dir {args.output_dir}: {problem}")
     try:
         unet_config = read_model_config(args.pretrained_model_name_or_path, "unet", args.revision, args.cache_dir)
-        for sub in ("vae", "text_encoder"):
+        args.family = base_family(unet_config)
+        for sub in TEXT_ENCODERS[args.family]:
             read_model_config(args.pretrained_model_name_or_path, sub, args.revision, args.cache_dir)
+        if args.pretrained_vae_model_name_or_path:
+            read_model_config(args.pretrained_vae_model_name_or_path, cache_dir=args.cache_dir)
+        else:
+            read_model_config(args.pretrained_model_name_or_path, "vae", args.revision, args.cache_dir)
         if args.controlnet_model_name_or_path:
             mismatch = controlnet_mismatch(
                 read_model_config(args.controlnet_model_name_or_path, cache_dir=args.cache_dir), unet_config)
@@ -532,10 +547,29 @@ def read_model_config(name, subfolder=None, revision=None, cache_dir=None):
         raise ValueError(f"cannot read {local}: {exn}")
 
 
+# The text encoders (and their tokenizers' folders, "tokenizer" + the same suffix) of each family's base.
+TEXT_ENCODERS = {"sd": ("text_encoder",), "sdxl": ("text_encoder", "text_encoder_2")}
+FAMILY_NAMES = {"sd": "Stable Diffusion 1.x/2.x", "sdxl": "Stable Diffusion XL"}
+
+
+def base_family(unet_config):
+    """'sdxl' for a UNet that takes SDXL's added conditioning (time ids and the pooled text embedding), 'sd' for the
+    SD-1.x/2.x shape (which differ only in widths, projections and objective, all read from the configs).
+    ValueError for any other added conditioning."""
+    kind = unet_config.get("addition_embed_type")
+    if kind == "text_time":
+        return "sdxl"
+    if kind is not None:
+        raise ValueError(f"the base's UNet has addition_embed_type={kind!r}; only SD-1.x/2.x (none) and SDXL"
+                         " ('text_time') bases are supported")
+    return "sd"
+
+
 # A ControlNet's residuals are added to the UNet's down and mid blocks: these must agree, or the first forward pass
-# fails deep inside the UNet.
+# fails deep inside the UNet. SDXL's added conditioning (time ids and pooled embedding) must fit too.
 FITTING_CONFIG_KEYS = ("in_channels", "block_out_channels", "layers_per_block", "cross_attention_dim",
-                       "transformer_layers_per_block", "down_block_types")
+                       "transformer_layers_per_block", "down_block_types", "addition_time_embed_dim",
+                       "projection_class_embeddings_input_dim")
 
 
 def controlnet_mismatch(controlnet_config, unet_config):
@@ -547,6 +581,10 @@ def controlnet_mismatch(controlnet_config, unet_config):
 
     if controlnet_config.get("_class_name") not in (None, "ControlNetModel"):
         return f"it is a {controlnet_config['_class_name']}, not a ControlNetModel"
+    # A missing key is the SD-1.x/2.x default (configs written before SDXL lack it).
+    families = [FAMILY_NAMES[base_family(c)] for c in (controlnet_config, unet_config)]
+    if families[0] != families[1]:
+        return f"it is a {families[0]} ControlNet and the base is {families[1]}"
     for key in FITTING_CONFIG_KEYS:
         if key in unet_config and key in controlnet_config and per_block(unet_config[key]) != per_block(controlnet_config[key]):
             return f"{key} is {controlnet_config[key]} in the ControlNet and {unet_config[key]} in the base's UNet"
@@ -612,14 +650,30 @@ def tensor_to_image(tensor):
     return Image.fromarray(tensor.cpu().permute(1, 2, 0).contiguous().numpy())
 
 
-def square_crop(image, size, interpolation, rng=None):
-    """The image's largest square (at a random offset with `rng`, else centred) resized to size x size: the same as
-    resizing the short side to `size` and cropping, in one resize. -> uint8 CHW tensor."""
-    w, h = image.size
-    side = min(w, h)
-    left = rng.randint(0, w - side) if rng else (w - side) // 2
-    top = rng.randint(0, h - side) if rng else (h - side) // 2
+def square_box(width, height, rng=None):
+    """(left, top, side) of the largest square of a width x height image: at a random offset with `rng`, else
+    centred."""
+    side = min(width, height)
+    left = rng.randint(0, width - side) if rng else (width - side) // 2
+    top = rng.randint(0, height - side) if rng else (height - side) // 2
+    return left, top, side
+
+
+def square_crop(image, size, interpolation, rng=None, box=None):
+    """The image's largest square (`box`, else square_box's) resized to size x size: the same as resizing the short
+    side to `size` and cropping, in one resize. -> uint8 CHW tensor."""
+    left, top, side = box or square_box(*image.size, rng)
     return resize(image_to_tensor(image.crop((left, top, left + side, top + side))), size, interpolation)
+
+
+def sdxl_time_ids(original_size, box, resolution):
+    """SDXL's micro-conditioning of one training crop, in its pipeline's order: the image's original (height, width),
+    the crop's (top, left) in the image resized so that its short side is `resolution` (where SDXL's training cut
+    its crops), and the target (height, width). -> float32 tensor of 6."""
+    left, top, side = box
+    scale = resolution / side
+    crop = (round(top * scale), round(left * scale))
+    return torch.tensor([*original_size, *crop, resolution, resolution], dtype=torch.float32)
 
 
 def enlarge_condition(condition, size, interpolation, device=None):
@@ -997,10 +1051,17 @@ def to_rgb(image):
     return image.convert("RGB")
 
 
+def original_dimensions(meta, width, height):
+    """(width, height) of the image before img2dataset resized it: the json's original_width/height where it has
+    both, else the size it was stored at (`width`, `height`)."""
+    if meta.get("original_width") and meta.get("original_height"):
+        return int(meta["original_width"]), int(meta["original_height"])
+    return width, height
+
+
 def check_metadata(meta, width, height, args):
     """LAION/img2dataset filters, off unless set. Sizes are the original ones where the json has them."""
-    ow = meta.get("original_width") or width
-    oh = meta.get("original_height") or height
+    ow, oh = original_dimensions(meta, width, height)
     if args.min_image_size is not None and min(ow, oh) < args.min_image_size:
         raise SkipSample("filtered_min_size", f"{ow}x{oh}")
     if args.max_aspect_ratio is not None and max(ow, oh) / max(1, min(ow, oh)) > args.max_aspect_ratio:
@@ -1025,15 +1086,19 @@ def decode_image(data, meta, args):
     if min(image.size) < args.condition_resolution:
         raise SkipSample("too_small", f"{image.width}x{image.height}")
     check_metadata(meta, image.width, image.height, args)
+    stored_size = image.size
     image.draft("RGB", (args.resolution, args.resolution))  # JPEG: decode at 1/2..1/8 scale when still big enough
     try:
-        return to_rgb(image)
+        rgb = to_rgb(image)
     except Exception as exn:  # truncated or corrupt data surfaces only when the pixels are decoded
         raise SkipSample("decode_error", repr(exn))
+    rgb.info["stored_size"] = stored_size  # what the file holds, which a draft decodes smaller (SDXL's time ids)
+    return rgb
 
 
 def make_tile_pair(sample, tokenizer, args, rng=None):
-    """One raw webdataset sample -> uint8 target and condition (see model_inputs) and caption token ids.
+    """One raw webdataset sample -> uint8 target and condition (see model_inputs), caption token ids (`tokenizer`:
+    one, or SDXL's two as a list: input_ids and input_ids_2) and the crop's SDXL time ids.
 
     `rng` draws the crop, the caption drop and the reduction factor; without it the crop is centred, the caption
     kept and the condition made by the clean recipe (held-out data). With a --condition_degradation the condition is
@@ -1050,7 +1115,11 @@ def make_tile_pair(sample, tokenizer, args, rng=None):
     caption = sample[caption_key].decode("utf-8", errors="replace").strip() if caption_key else ""
     if rng is not None and rng.random() < args.proportion_empty_prompts:
         caption = ""
-    target = square_crop(decode_image(sample[image_key], meta, args), args.resolution, args.interpolation, rng=rng)
+    image = decode_image(sample[image_key], meta, args)
+    box = square_box(*image.size, rng)
+    target = square_crop(image, args.resolution, args.interpolation, box=box)
+    original_width, original_height = original_dimensions(meta, *image.info.get("stored_size", image.size))
+    time_ids = sdxl_time_ids((original_height, original_width), box, args.resolution)
     factor = draw_condition_scale(args, rng)
     condition = None  # enlarged in model_inputs, where a degraded one is made
     degraded = rng is not None and args.condition_degradation != "none"
@@ -1058,18 +1127,27 @@ def make_tile_pair(sample, tokenizer, args, rng=None):
         degraded = rng.random() >= args.no_degradation_prob
     if not degraded:
         condition = resize(target, condition_size(args.resolution, factor), args.interpolation)
-    input_ids = tokenizer(
-        caption, max_length=tokenizer.model_max_length, padding="max_length", truncation=True, return_tensors="pt"
-    ).input_ids[0]
+    tokenizers = tokenizer if isinstance(tokenizer, (list, tuple)) else [tokenizer]
+    input_ids = {name: token_ids(t, caption)[0] for name, t in zip(INPUT_IDS, tokenizers)}
     return {
         "pixel_values": target,
         "conditioning_pixel_values": condition,
         "condition_scale": factor,
-        "input_ids": input_ids,
+        **input_ids,
+        "time_ids": time_ids,
         "key": sample["__key__"],
         "url": sample.get("__url__"),
         "caption": caption,
     }
+
+
+INPUT_IDS = ("input_ids", "input_ids_2")  # the batch's token ids for each text encoder (TEXT_ENCODERS)
+
+
+def token_ids(tokenizer, captions):
+    return tokenizer(
+        captions, max_length=tokenizer.model_max_length, padding="max_length", truncation=True, return_tensors="pt"
+    ).input_ids
 
 
 def model_inputs(batch, args, device):
@@ -1092,7 +1170,8 @@ def collate_fn(examples):
         "pixel_values": torch.stack([e["pixel_values"] for e in examples]),
         "conditioning_pixel_values": conditions,
         "condition_scales": [e["condition_scale"] for e in examples],
-        "input_ids": torch.stack([e["input_ids"] for e in examples]),
+        **{name: torch.stack([e[name] for e in examples]) for name in INPUT_IDS if name in examples[0]},
+        "time_ids": torch.stack([e["time_ids"] for e in examples]),
         "keys": [e["key"] for e in examples],
         "urls": [e["url"] for e in examples],
         "captions": [e["caption"] for e in examples],
@@ -1519,14 +1598,17 @@ def psnr(a, b, cap=100.0):
 
 
 def controlnet_loss(vae, unet, controlnet, noise_scheduler, pixel_values, conditions, encoder_hidden_states,
-                    weight_dtype, timesteps=None, generator=None):
+                    weight_dtype, timesteps=None, generator=None, added_cond_kwargs=None):
     """The training objective, per sample: MSE of the UNet+ControlNet prediction against the noise (or v) target.
 
     With a `generator` and `timesteps` the latents' posterior sample and the noise are fixed, so two calls that
-    differ only in their conditions are comparable (the condition-use gap).
+    differ only in their conditions are comparable (the condition-use gap). `added_cond_kwargs`: SDXL's
+    (prompt_conditioning), given to the ControlNet and the UNet alike.
     """
-    latents = vae.encode(pixel_values.to(dtype=weight_dtype)).latent_dist.sample(generator)
-    latents = latents * vae.config.scaling_factor
+    vae_dtype = getattr(vae, "dtype", weight_dtype)  # float32 for an SDXL VAE kept out of fp16 (vae_dtype_for)
+    latents = vae.encode(pixel_values.to(dtype=vae_dtype)).latent_dist.sample(generator)
+    latents = (latents * vae.config.scaling_factor).to(weight_dtype)
+    added = {} if added_cond_kwargs is None else {"added_cond_kwargs": added_cond_kwargs}
     noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
     if timesteps is None:
         timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device)
@@ -1537,6 +1619,7 @@ def controlnet_loss(vae, unet, controlnet, noise_scheduler, pixel_values, condit
         encoder_hidden_states=encoder_hidden_states,
         controlnet_cond=conditions.to(dtype=weight_dtype),
         return_dict=False,
+        **added,
     )
     model_pred = unet(
         noisy_latents,
@@ -1545,6 +1628,7 @@ def controlnet_loss(vae, unet, controlnet, noise_scheduler, pixel_values, condit
         down_block_additional_residuals=[s.to(dtype=weight_dtype) for s in down_block_res_samples],
         mid_block_additional_residual=mid_block_res_sample.to(dtype=weight_dtype),
         return_dict=False,
+        **added,
     )[0]
     if noise_scheduler.config.prediction_type == "epsilon":
         target = noise
@@ -1558,18 +1642,19 @@ def controlnet_loss(vae, unet, controlnet, noise_scheduler, pixel_values, condit
 HOLDOUT_REPEATS = 4  # noise draws per held-out sample, at timesteps spread over the whole schedule
 
 
-def holdout_losses(models, noise_scheduler, pixel_values, input_ids, conditions, weight_dtype, device, seed):
+def holdout_losses(models, noise_scheduler, pixel_values, prompt, conditions, weight_dtype, device, seed):
     """{name: held-out denoising loss of the targets `pixel_values` (from model_inputs) with conditions[name]}, every
-    one with the same latents, noise and timesteps.
+    one with the same latents, noise and timesteps. `prompt`: the samples' (encoder hidden states,
+    added_cond_kwargs) from prompt_conditioning.
 
     So the gap between the losses with the true conditions and with conditions rolled across the batch measures
     how much the prediction uses the condition: ~0 while the ControlNet ignores it, growing once it follows it.
     """
-    vae, text_encoder, unet, controlnet = models
+    vae, unet, controlnet = models
     n = pixel_values.shape[0]
     pixel_values = pixel_values.repeat(HOLDOUT_REPEATS, 1, 1, 1)
-    with torch.no_grad():
-        prompt_states = text_encoder(input_ids.to(device), return_dict=False)[0].repeat(HOLDOUT_REPEATS, 1, 1)
+    repeat = lambda x: x.repeat(HOLDOUT_REPEATS, *[1] * (x.dim() - 1))
+    prompt_states, added = repeat(prompt[0]), prompt[1] and {k: repeat(v) for k, v in prompt[1].items()}
     timesteps = torch.linspace(0, noise_scheduler.config.num_train_timesteps - 1, n * HOLDOUT_REPEATS, device=device)
     timesteps = timesteps.long()[torch.randperm(n * HOLDOUT_REPEATS, generator=torch.Generator().manual_seed(seed)).to(device)]
     losses = {}
@@ -1578,7 +1663,7 @@ def holdout_losses(models, noise_scheduler, pixel_values, input_ids, conditions,
         with torch.no_grad():
             losses[name] = controlnet_loss(
                 vae, unet, controlnet, noise_scheduler, pixel_values,
-                conds.repeat(HOLDOUT_REPEATS, 1, 1, 1), prompt_states, weight_dtype, timesteps, generator,
+                conds.repeat(HOLDOUT_REPEATS, 1, 1, 1), prompt_states, weight_dtype, timesteps, generator, added,
             ).mean().item()
     return losses
 
@@ -1629,26 +1714,43 @@ def inference_copy(controlnet, device, dtype):
     return copy.requires_grad_(False).eval()
 
 
+def validation_pipeline(vae, text_encoder, tokenizer, unet, controlnet, noise_scheduler):
+    """diffusers' ControlNet pipeline of the base's family (text_encoder and tokenizer as PromptEncoder takes them)."""
+    from diffusers import StableDiffusionControlNetPipeline, StableDiffusionXLControlNetPipeline, UniPCMultistepScheduler
+
+    shared = dict(vae=vae, unet=unet, controlnet=controlnet,
+                  scheduler=UniPCMultistepScheduler.from_config(noise_scheduler.config))
+    if isinstance(text_encoder, torch.nn.ModuleList):
+        pipeline = StableDiffusionXLControlNetPipeline(
+            text_encoder=text_encoder[0], text_encoder_2=text_encoder[1], tokenizer=tokenizer[0],
+            tokenizer_2=tokenizer[1], add_watermarker=False, **shared)
+    else:
+        pipeline = StableDiffusionControlNetPipeline(
+            text_encoder=text_encoder, tokenizer=tokenizer, safety_checker=None, feature_extractor=None,
+            requires_safety_checker=False, **shared)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+@contextlib.contextmanager
+def decoding_in_vae_dtype(vae):
+    """diffusers' pipelines hand the VAE latents in the UNet's dtype (SDXL's upcasts only a float16 VAE itself): a VAE
+    kept float32 under fp16 (vae_dtype_for) gets them cast to its own dtype on the way in."""
+    first = vae.post_quant_conv if vae.post_quant_conv is not None else vae.decoder
+    handle = first.register_forward_pre_hook(lambda module, inputs: (inputs[0].to(vae.dtype), *inputs[1:]))
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 def log_validation(vae, text_encoder, tokenizer, unet, controlnet, noise_scheduler, args, accelerator, weight_dtype,
                    step, holdout=None, is_final_validation=False):
-    from diffusers import StableDiffusionControlNetPipeline, UniPCMultistepScheduler
-
     logger.info(f"Running validation at step {step}...")
     # Sample from a plain copy in the frozen modules' dtype, as upstream's final validation does: no CUDA-only
     # autocast, no accelerate fp32-output wrapper, and the fp32 weights being trained stay untouched.
     controlnet = inference_copy(controlnet, accelerator.device, weight_dtype)
-    pipeline = StableDiffusionControlNetPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        controlnet=controlnet,
-        scheduler=UniPCMultistepScheduler.from_config(noise_scheduler.config),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipeline.set_progress_bar_config(disable=True)
+    pipeline = validation_pipeline(vae, text_encoder, tokenizer, unet, controlnet, noise_scheduler)
     seed = 0 if args.seed is None else args.seed
     generate = partial(pipeline, num_inference_steps=20, height=args.resolution, width=args.resolution)
     prefix = "test" if is_final_validation else "validation"
@@ -1661,7 +1763,7 @@ def log_validation(vae, text_encoder, tokenizer, unet, controlnet, noise_schedul
         condition = validation_condition(path, args)
         generator = torch.Generator(device=accelerator.device).manual_seed(seed)
         with torch.no_grad():
-            images = generate([prompt] * args.num_validation_images, condition, generator=generator).images
+            images = generate(prompt=[prompt] * args.num_validation_images, image=condition, generator=generator).images
         image_logs.append({"validation_image": condition, "images": images, "validation_prompt": prompt})
         log_images(accelerator, f"{prefix}/{i}: {prompt}", [(condition, "condition")] + [(im, prompt) for im in images], step)
     if image_logs:
@@ -1673,7 +1775,9 @@ def log_validation(vae, text_encoder, tokenizer, unet, controlnet, noise_schedul
         variants = holdout_variants(holdout["pixel_values"], args)
         conditions = {"clean": clean, **{name: enlarge_condition(small, args.resolution, args.interpolation, device)
                                          for name, (_, small) in variants.items()}}
-        losses = holdout_losses((vae, text_encoder, unet, controlnet), noise_scheduler, pixel_values, holdout["input_ids"],
+        with torch.no_grad():
+            prompt = prompt_conditioning(holdout, PromptEncoder(text_encoder, tokenizer, device).encode, device)
+        losses = holdout_losses((vae, unet, controlnet), noise_scheduler, pixel_values, prompt,
                                 {"rolled": clean.roll(1, dims=0), **conditions}, weight_dtype, device, seed)
         targets = [tensor_to_image(t) for t in holdout["pixel_values"]]
 
@@ -1695,7 +1799,7 @@ def log_validation(vae, text_encoder, tokenizer, unet, controlnet, noise_schedul
             images = [tensor_to_image(c) for c in enlarged]
             generator = torch.Generator(device=device).manual_seed(seed)
             with torch.no_grad():
-                outputs = generate(holdout["captions"], images, generator=generator).images
+                outputs = generate(prompt=holdout["captions"], image=images, generator=generator).images
             if variant == "clean":  # against another sample's condition: the control
                 small_target = list(holdout["conditioning_pixel_values"])
                 metrics["holdout/condition_psnr"] = condition_psnr(outputs, factors[variant], small_target)
@@ -1734,6 +1838,7 @@ def tile_config(args):
         "condition_scales": args.condition_scales or [clean_scale(args)],
         "condition_degradation": args.condition_degradation,
         "no_degradation_prob": args.no_degradation_prob,
+        "family": args.family,  # of the base it was trained on: sdxl (SDXL's added conditioning) or sd (1.x/2.x)
     }
 
 
@@ -2003,7 +2108,7 @@ def save_final_model(controlnet, args):
     logger.info(f"Saved the ControlNet to {output_dir}")
 
 
-def save_model_card(output_dir, base_model, image_logs=None, repo_id=None):
+def save_model_card(output_dir, base_model, image_logs=None, repo_id=None, family="sd"):
     from diffusers.utils.hub_utils import MODEL_CARD_TEMPLATE_PATH, populate_model_card
     from huggingface_hub import ModelCard, ModelCardData
 
@@ -2014,20 +2119,22 @@ def save_model_card(output_dir, base_model, image_logs=None, repo_id=None):
     description = f"""
 # controlnet-tile {repo_id or ''}
 
-ControlNet **tile** weights trained on {base_model}: the condition is the image reduced to a low resolution and
+ControlNet **tile** weights trained on {base_model} ({FAMILY_NAMES[family]}): the condition is the image reduced to a low resolution and
 enlarged back, so the model learns to add detail that follows the low-resolution layout (upscaling / re-detailing).
 Each row below shows the condition, then generated images.
 
 {img_str}
 """
     # Built from diffusers' template directly: its loader would look the card up on the hub first.
+    license = "openrail++" if family == "sdxl" else "creativeml-openrail-m"  # the base models' licences
     card = ModelCard.from_template(
-        ModelCardData(license="creativeml-openrail-m", library_name="diffusers", inference=True, base_model=base_model),
+        ModelCardData(license=license, library_name="diffusers", inference=True, base_model=base_model),
         template_path=MODEL_CARD_TEMPLATE_PATH,
         model_description=description,
     )
-    tags = ["stable-diffusion", "stable-diffusion-diffusers", "text-to-image", "diffusers", "controlnet",
-            "controlnet-tile", "diffusers-training"]
+    family_tags = ["stable-diffusion-xl", "stable-diffusion-xl-diffusers"] if family == "sdxl" else [
+        "stable-diffusion", "stable-diffusion-diffusers"]
+    tags = family_tags + ["text-to-image", "diffusers", "controlnet", "controlnet-tile", "diffusers-training"]
     populate_model_card(card, tags=tags).save(os.path.join(output_dir, "README.md"))
 
 
@@ -2052,59 +2159,108 @@ def enable_xformers(models, device):
 
 
 class PromptEncoder:
-    """The frozen text encoder, with the empty caption's states computed once: with --proportion_empty_prompts
+    """The frozen text encoder(s), with the empty caption's states computed once: with --proportion_empty_prompts
     those rows need no encoder pass. Which rows are empty is read from the token ids on the host, and the rows are
-    taken and put back in runs, by slicing: no index tensor crosses to the device (a blocking copy, a host sync)."""
+    taken and put back in runs, by slicing: no index tensor crosses to the device (a blocking copy, a host sync).
+
+    `text_encoder`: one encoder (SD-1.x/2.x: its last hidden states), or SDXL's two in a ModuleList with their two
+    tokenizers in a list: as diffusers' SDXL pipelines encode prompts, both encoders' penultimate hidden states side
+    by side, and the second's projected pooled output. Called with one tensor of token ids per encoder -> the
+    states (SD), or (states, pooled embeddings) (SDXL).
+    """
 
     def __init__(self, text_encoder, tokenizer, device):
         self.text_encoder, self.device = text_encoder, device
-        self.empty_ids = tokenizer(
-            "", max_length=tokenizer.model_max_length, padding="max_length", truncation=True, return_tensors="pt"
-        ).input_ids
+        self.sdxl = isinstance(text_encoder, torch.nn.ModuleList)
+        tokenizers = tokenizer if self.sdxl else [tokenizer]
+        self.empty_ids = token_ids(tokenizers[0], "")  # an empty caption is empty for every tokenizer
         with torch.no_grad():
-            self.empty_states = text_encoder(self.empty_ids.to(device), return_dict=False)[0]
+            self.empty_states = self.encode(*(token_ids(t, "").to(device) for t in tokenizers))
 
-    def __call__(self, input_ids):
-        ids = input_ids.to(self.device, non_blocking=True)  # the loader's pinned batch
-        empty = (input_ids == self.empty_ids).all(dim=1).tolist()
+    def encode(self, *input_ids):
+        """The encoder pass, without the cache."""
+        input_ids = [i.to(self.device, non_blocking=True) for i in input_ids]  # (a no-op for __call__'s)
+        if not self.sdxl:
+            return self.text_encoder(*input_ids, return_dict=False)[0]
+        outputs = [encoder(ids, output_hidden_states=True) for encoder, ids in zip(self.text_encoder, input_ids)]
+        return torch.cat([out.hidden_states[-2] for out in outputs], dim=-1), outputs[-1].text_embeds
+
+    def __call__(self, *input_ids):
+        ids = [i.to(self.device, non_blocking=True) for i in input_ids]  # the loader's pinned batch
+        empty = (input_ids[0] == self.empty_ids).all(dim=1).tolist()
         if not any(empty):
-            return self.text_encoder(ids, return_dict=False)[0]
+            return self.encode(*ids)
         runs, start = [], 0  # (is empty, first row, rows) of each run of alike rows
         for is_empty, rows in itertools.groupby(empty):
             n = len(list(rows))
             runs.append((is_empty, start, n))
             start += n
-        kept = [ids[first:first + n] for is_empty, first, n in runs if not is_empty]
-        encoded = self.text_encoder(torch.cat(kept), return_dict=False)[0] if kept else None
+        kept = [[i[first:first + n] for is_empty, first, n in runs if not is_empty] for i in ids]
+        encoded = self.encode(*(torch.cat(k) for k in kept)) if kept[0] else None
+        if not self.sdxl:
+            return self.merge(runs, self.empty_states, encoded)
+        return tuple(self.merge(runs, e, None if encoded is None else x) for e, x in zip(self.empty_states, encoded))
+
+    @staticmethod
+    def merge(runs, empty, encoded):
+        """The batch's rows in order: the cached empty ones and the encoded others."""
         parts, done = [], 0
         for is_empty, first, n in runs:
-            parts.append(self.empty_states.expand(n, -1, -1) if is_empty else encoded[done:done + n])
+            parts.append(empty.expand(n, *empty.shape[1:]) if is_empty else encoded[done:done + n])
             done += 0 if is_empty else n
         return torch.cat(parts)
 
 
-def load_tokenizer(args):
+def prompt_conditioning(batch, encode, device):
+    """A batch's text conditioning -> (encoder hidden states, added_cond_kwargs): None for SD-1.x/2.x; for SDXL its
+    pooled embeddings and each sample's own time ids (make_tile_pair), as both the ControlNet and the UNet take them."""
+    if "input_ids_2" not in batch:
+        return encode(batch["input_ids"]), None
+    states, pooled = encode(batch["input_ids"], batch["input_ids_2"])
+    time_ids = batch["time_ids"].to(device, dtype=states.dtype, non_blocking=True)
+    return states, {"text_embeds": pooled, "time_ids": time_ids}
+
+
+def load_tokenizer(args, subfolder="tokenizer"):
+    """The base's tokenizer (--tokenizer_name replaces the first one); load_tokenizers gives all of the family's."""
     from transformers import AutoTokenizer
 
+    replaced = args.tokenizer_name and subfolder == "tokenizer"
     return AutoTokenizer.from_pretrained(
-        args.tokenizer_name or args.pretrained_model_name_or_path,
-        subfolder=None if args.tokenizer_name else "tokenizer",
+        args.tokenizer_name if replaced else args.pretrained_model_name_or_path,
+        subfolder=None if replaced else subfolder,
         revision=args.revision,
         cache_dir=args.cache_dir,
         use_fast=False,  # as upstream; transformers 5 always gives the fast one (see TOKENIZERS_PARALLELISM above)
     )
 
 
+def load_tokenizers(args):
+    """The tokenizer (SD-1.x/2.x), or SDXL's two in a list (make_tile_pair, PromptEncoder)."""
+    tokenizers = [load_tokenizer(args, name.replace("text_encoder", "tokenizer")) for name in TEXT_ENCODERS[args.family]]
+    return tokenizers if args.family == "sdxl" else tokenizers[0]
+
+
 def load_models(args):
+    """-> (noise scheduler, text encoder, VAE, UNet, ControlNet). The text encoder of an SDXL base is its two, in a
+    ModuleList (freezing and casting treat them as one; PromptEncoder tells the families apart by it)."""
     from diffusers import AutoencoderKL, ControlNetModel, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     common = dict(revision=args.revision, cache_dir=args.cache_dir)
     noise_scheduler = DDPMScheduler.from_pretrained(args.pretrained_model_name_or_path, subfolder="scheduler", **common)
     text_encoder = CLIPTextModel.from_pretrained(
         args.pretrained_model_name_or_path, subfolder="text_encoder", variant=args.variant, **common
     )
-    vae = AutoencoderKL.from_pretrained(args.pretrained_model_name_or_path, subfolder="vae", variant=args.variant, **common)
+    if args.family == "sdxl":
+        text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(
+            args.pretrained_model_name_or_path, subfolder="text_encoder_2", variant=args.variant, **common
+        )
+        text_encoder = torch.nn.ModuleList([text_encoder, text_encoder_2])
+    if args.pretrained_vae_model_name_or_path:  # its own repository: the base's revision and variant are not its
+        vae = AutoencoderKL.from_pretrained(args.pretrained_vae_model_name_or_path, cache_dir=args.cache_dir)
+    else:
+        vae = AutoencoderKL.from_pretrained(args.pretrained_model_name_or_path, subfolder="vae", variant=args.variant, **common)
     unet = UNet2DConditionModel.from_pretrained(
         args.pretrained_model_name_or_path, subfolder="unet", variant=args.variant, **common
     )
@@ -2318,9 +2474,10 @@ def train_step(batch, models, noise_scheduler, optimizer, lr_scheduler, encode_p
     scaled = accelerator.scaler is not None  # fp16
     with accelerator.accumulate(controlnet):
         pixel_values, conditions = model_inputs(batch, args, accelerator.device)
+        prompt_states, added_cond_kwargs = prompt_conditioning(batch, encode_prompts, accelerator.device)
         loss = controlnet_loss(
-            vae, unet, controlnet, noise_scheduler, pixel_values, conditions, encode_prompts(batch["input_ids"]),
-            weight_dtype,
+            vae, unet, controlnet, noise_scheduler, pixel_values, conditions, prompt_states, weight_dtype,
+            added_cond_kwargs=added_cond_kwargs,
         ).mean()
         accelerator.backward(loss)
         meter.add(loss / args.gradient_accumulation_steps)
@@ -2368,6 +2525,15 @@ def make_optimizer(args, parameters):
 
     optimizer.register_load_state_dict_post_hook(keep_chosen_implementation)
     return optimizer
+
+
+def vae_dtype_for(vae, weight_dtype, family):
+    """The frozen VAE's dtype: the run's, except that under fp16 an SDXL VAE whose config says force_upcast (the
+    stock SDXL VAE overflows to NaN in fp16) stays float32, as in diffusers' SDXL pipelines; the fp16-fix VAE says
+    it does not need to. (SD-1.x/2.x VAEs run in fp16 as upstream's SD script runs them.)"""
+    if family == "sdxl" and weight_dtype == torch.float16 and vae.config.get("force_upcast", True):
+        return torch.float32
+    return weight_dtype
 
 
 def use_channels_last(unet, vae, controlnet, args):
@@ -2550,7 +2716,7 @@ def main(args):
                 repo_id=args.hub_model_id or Path(args.output_dir).name, exist_ok=True, token=args.hub_token
             ).repo_id
 
-    tokenizer = load_tokenizer(args)
+    tokenizer = load_tokenizers(args)
     holdout = load_holdout(args, tokenizer)  # also proves, before the models load, that the shards hold data
     noise_scheduler, text_encoder, vae, unet, controlnet = load_models(args)
 
@@ -2586,6 +2752,8 @@ def main(args):
         enable_xformers([unet, controlnet], accelerator.device)
     if args.gradient_checkpointing:
         controlnet.enable_gradient_checkpointing()
+        if args.family == "sdxl":  # as upstream's SDXL script: the frozen UNet's activations dominate its memory
+            unet.enable_gradient_checkpointing()
     if args.channels_last:
         use_channels_last(unet, vae, controlnet, args)
     if args.torch_compile:
@@ -2623,7 +2791,7 @@ def main(args):
     controlnet, optimizer, lr_scheduler = accelerator.prepare(controlnet, optimizer, lr_scheduler)
 
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    vae.to(accelerator.device, dtype=weight_dtype)
+    vae.to(accelerator.device, dtype=vae_dtype_for(vae, weight_dtype, args.family))
     unet.to(accelerator.device, dtype=weight_dtype)
     text_encoder.to(accelerator.device, dtype=weight_dtype)
     encode_prompts = PromptEncoder(text_encoder, tokenizer, accelerator.device)
@@ -2669,7 +2837,7 @@ def main(args):
     def validate(step, controlnet_to_use, is_final_validation=False):
         # Validation draws no random numbers from training's streams: a run with other --validation_steps trains alike.
         cuda = [accelerator.device.index or 0] if accelerator.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=cuda):
+        with torch.random.fork_rng(devices=cuda), decoding_in_vae_dtype(vae):
             return log_validation(
                 vae, text_encoder, tokenizer, unet, controlnet_to_use, noise_scheduler, args, accelerator, weight_dtype,
                 step, holdout, is_final_validation,
@@ -2761,7 +2929,7 @@ def main(args):
         if args.validation_prompt is not None or holdout is not None:
             # Validate what was written to disk, so a broken save shows up here rather than in the user's hands.
             image_logs = validate(global_step, ControlNetModel.from_pretrained(args.output_dir), is_final_validation=True)
-        save_model_card(args.output_dir, args.pretrained_model_name_or_path, image_logs, repo_id)
+        save_model_card(args.output_dir, args.pretrained_model_name_or_path, image_logs, repo_id, args.family)
         if args.push_to_hub:
             from huggingface_hub import upload_folder
 

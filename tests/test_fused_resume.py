@@ -47,7 +47,8 @@ class NaNLoss:
     def __init__(self, model):
         self.model = model
 
-    def __call__(self, vae, unet, controlnet, noise_scheduler, pixel_values, conditions, states, weight_dtype):
+    def __call__(self, vae, unet, controlnet, noise_scheduler, pixel_values, conditions, states, weight_dtype,
+                 added_cond_kwargs=None):
         loss = self.model(pixel_values.flatten(1)[:, :4]).square().mean()
         return loss * float("nan") if states else loss
 

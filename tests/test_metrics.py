@@ -52,11 +52,12 @@ def test_condition_use_gap_is_its_definition_on_a_toy_model():
         "conditioning_pixel_values": pixels.view(N, 1, 1, 1).expand(N, 3, 8, 8).clone(),
         "input_ids": torch.zeros(N, 3, dtype=torch.long),
     }
-    models = (ToyVAE(), toy_text_encoder, toy_unet, toy_controlnet)
+    models = (ToyVAE(), toy_unet, toy_controlnet)
     args = SimpleNamespace(resolution=8, interpolation="bicubic")  # conditions already at 8 px: enlarging is a no-op
     def gap_losses(models):
         pixel_values, conditions = tc.model_inputs(holdout, args, torch.device("cpu"))
-        losses = tc.holdout_losses(models, scheduler, pixel_values, holdout["input_ids"],
+        prompt = (toy_text_encoder(holdout["input_ids"])[0], None)
+        losses = tc.holdout_losses(models, scheduler, pixel_values, prompt,
                                    {"true": conditions, "rolled": conditions.roll(1, dims=0)}, torch.float32,
                                    torch.device("cpu"), seed=7)
         return losses["true"], losses["rolled"]
@@ -75,7 +76,7 @@ def test_condition_use_gap_is_its_definition_on_a_toy_model():
 
     # A ControlNet that ignores its condition has a gap of exactly zero: same latents, noise and timesteps.
     blind = lambda noisy, t, encoder_hidden_states, controlnet_cond, return_dict=False: ([], torch.full((N * reps, 4, LATENT, LATENT), 0.5))
-    t, r = gap_losses((ToyVAE(), toy_text_encoder, toy_unet, blind))
+    t, r = gap_losses((ToyVAE(), toy_unet, blind))
     assert t == r
 
 
