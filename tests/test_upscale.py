@@ -24,8 +24,8 @@ STEPS = "2"
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
-    """Tiles of 8x8 latents gain nothing from a second thread, and on a busy 2-core machine its spin-waiting made
-    this file 4x slower (115 s against 30 s)."""
+    """Tiles of 8x8 latents gain nothing from a second thread, and on a busy 2-core machine its spin-waiting slows
+    this file several-fold (conftest's OMP_NUM_THREADS=1 does the same unless the environment set another count)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
