@@ -20,6 +20,16 @@ sys.path.insert(0, str(ROOT / "tools"))
 ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
 
 
+# Files whose tests train through the CLI, several runs each: collected first, so that both xdist workers start on
+# long tests and the short ones fill in at the end (no worker left idling behind the other's last long run).
+LONG_RUNNING = ("test_learning.py", "test_sdxl.py", "test_elastic_resume.py", "test_resume.py", "test_train.py",
+                "test_reliability.py", "test_stalls.py", "test_checkpoint_integrity.py", "test_preemption.py")
+
+
+def pytest_collection_modifyitems(items):
+    items.sort(key=lambda item: item.path.name not in LONG_RUNNING)  # a stable sort: each group keeps its order
+
+
 def launch_command(num_processes=1, launch_args=()):
     """`accelerate launch` as the tests run it: CPU-friendly defaults, and for several ranks a free rendezvous port
     (port 0: accelerate picks one), so that two multi-rank tests on two workers never meet on the default 29500."""
@@ -49,6 +59,20 @@ def tiny_model(tmp_path_factory):
     from make_tiny_pipeline import save_pipeline
 
     return str(built_once(tmp_path_factory, "tiny-sd", lambda path: save_pipeline(str(path), seed=0)))
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory):
+    from make_tiny_pipeline import save_pipeline
+
+    return str(built_once(tmp_path_factory, "tiny-sdxl", lambda path: save_pipeline(str(path), family="sdxl")))
+
+
+@pytest.fixture(scope="session")
+def tiny_sd2(tmp_path_factory):
+    from make_tiny_pipeline import save_pipeline
+
+    return str(built_once(tmp_path_factory, "tiny-sd2", lambda path: save_pipeline(str(path), family="sd2")))
 
 
 @pytest.fixture(scope="session")

@@ -21,20 +21,6 @@ VALIDATION = ["--validation_image", str(ROOT / "conditioning_image_1.png"), "--v
               "--num_validation_images=1"]
 
 
-@pytest.fixture(scope="session")
-def tiny_sdxl(tmp_path_factory):
-    from make_tiny_pipeline import save_pipeline
-
-    return save_pipeline(str(tmp_path_factory.mktemp("tiny-sdxl") / "model"), family="sdxl")
-
-
-@pytest.fixture(scope="session")
-def tiny_sd2(tmp_path_factory):
-    from make_tiny_pipeline import save_pipeline
-
-    return save_pipeline(str(tmp_path_factory.mktemp("tiny-sd2") / "model"), family="sd2")
-
-
 def weights(path):
     return load_file(os.path.join(path, "diffusion_pytorch_model.safetensors"))
 

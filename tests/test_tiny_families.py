@@ -1,17 +1,9 @@
 """The offline SD-2.x- and SDXL-shaped fixtures of tools/make_tiny_pipeline.py: saved as their hub families' folders,
 loaded back with from_pretrained, and run one denoising step with a ControlNet made from their UNet (verify)."""
 
-import pytest
 from conftest import ROOT
 
 TRAINED_SDXL = str(ROOT / "tools" / "tiny-sdxl-trained")
-
-
-@pytest.fixture(scope="module")
-def tiny_sdxl(tmp_path_factory):
-    from make_tiny_pipeline import save_pipeline
-
-    return save_pipeline(str(tmp_path_factory.mktemp("tiny-sdxl") / "model"), family="sdxl")
 
 
 def test_tiny_sdxl_is_an_sdxl_folder_that_loads_and_steps(tiny_sdxl):
@@ -31,11 +23,11 @@ def test_tiny_sdxl_is_an_sdxl_folder_that_loads_and_steps(tiny_sdxl):
     verify(tiny_sdxl)  # ControlNet.from_unet + UNet step with added_cond_kwargs, then the SDXL ControlNet pipeline
 
 
-def test_tiny_sd2_is_an_sd2_folder_that_loads_and_steps(tmp_path):
+def test_tiny_sd2_is_an_sd2_folder_that_loads_and_steps(tiny_sd2):
     from diffusers import DiffusionPipeline
-    from make_tiny_pipeline import FAMILIES, save_pipeline, verify
+    from make_tiny_pipeline import FAMILIES, verify
 
-    path = save_pipeline(str(tmp_path / "model"), family="sd2")
+    path = tiny_sd2
     pipe = DiffusionPipeline.from_pretrained(path)
     assert pipe.unet.config.use_linear_projection and pipe.unet.config.addition_embed_type is None
     assert pipe.scheduler.config.prediction_type == "v_prediction"
