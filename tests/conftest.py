@@ -20,14 +20,19 @@ sys.path.insert(0, str(ROOT / "tools"))
 ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
 
 
-# Files whose tests train through the CLI, several runs each: collected first, so that both xdist workers start on
-# long tests and the short ones fill in at the end (no worker left idling behind the other's last long run).
+# Files whose tests train through the CLI, several runs each, longest first: collected before the rest, so that both
+# xdist workers start on long tests and the short ones fill in at the end (no worker left idling behind the other's
+# last long run). The learning runs are the longest of all.
 LONG_RUNNING = ("test_learning.py", "test_sdxl.py", "test_elastic_resume.py", "test_resume.py", "test_train.py",
                 "test_reliability.py", "test_stalls.py", "test_checkpoint_integrity.py", "test_preemption.py")
 
 
 def pytest_collection_modifyitems(items):
-    items.sort(key=lambda item: item.path.name not in LONG_RUNNING)  # a stable sort: each group keeps its order
+    def weight(item):
+        rank = LONG_RUNNING.index(item.path.name) if item.path.name in LONG_RUNNING else len(LONG_RUNNING)
+        return rank, "learn" not in item.name  # a stable sort: the rest keeps its order
+
+    items.sort(key=weight)
 
 
 def launch_command(num_processes=1, launch_args=()):
