@@ -77,7 +77,15 @@ def parse_args(input_args=None):
         "--pretrained_model_name_or_path",
         type=str,
         default=tc.make_parser().get_default("pretrained_model_name_or_path"),
-        help="The SD-1.x base the ControlNet was trained on: a model folder or hub identifier.",
+        help="The base the ControlNet was trained on (SD-1.x, SD-2.x or SDXL, read from its UNet config): a model"
+        " folder or hub identifier.",
+    )
+    parser.add_argument(
+        "--pretrained_vae_model_name_or_path",
+        type=str,
+        default=None,
+        help="A VAE to use instead of the base's (the trainer's flag of the same name), e.g."
+        " madebyollin/sdxl-vae-fp16-fix. Under fp16 an SDXL VAE whose config says force_upcast stays float32.",
     )
     parser.add_argument(
         "--controlnet_model_name_or_path",
@@ -239,6 +247,9 @@ def check_args(args):
         args.controlnet_dir = resolve_controlnet(args.controlnet_model_name_or_path)
         unet_config = tc.read_model_config(args.pretrained_model_name_or_path, "unet", args.revision)
         mismatch = tc.controlnet_mismatch(tc.read_model_config(args.controlnet_dir), unet_config)
+        args.family = tc.base_family(unet_config)
+        if args.pretrained_vae_model_name_or_path:
+            tc.read_model_config(args.pretrained_vae_model_name_or_path)
     except ValueError as exn:
         fail(str(exn))
     if mismatch:
@@ -440,29 +451,38 @@ def output_size(size, scale):
 
 
 def load_pipeline(args):
-    """diffusers' StableDiffusionControlNetPipeline with --scheduler (UniPC by default, as the trainer validates):
-    its components, prompt encoding and latent preparation are reused here, and a one-tile image comes out as the
-    pipeline's (at --strength 1) or as StableDiffusionControlNetImg2ImgPipeline's (below)."""
+    """diffusers' ControlNet pipeline of the base's family (StableDiffusionControlNetPipeline, or
+    StableDiffusionXLControlNetPipeline for SDXL) with --scheduler (UniPC by default, as the trainer validates): its
+    components, prompt encoding and latent preparation are reused here, and a one-tile image comes out as the
+    pipeline's (at --strength 1) or as its img2img twin's (below)."""
     import diffusers
     import transformers
-    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
+    from diffusers import (AutoencoderKL, ControlNetModel, StableDiffusionControlNetPipeline,
+                           StableDiffusionXLControlNetPipeline)
 
     transformers.utils.logging.set_verbosity_error()
     diffusers.utils.logging.set_verbosity_error()
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision, torch.float32)
-    pipe = StableDiffusionControlNetPipeline.from_pretrained(
+    if args.family == "sdxl":
+        pipeline_class, settings = StableDiffusionXLControlNetPipeline, dict(add_watermarker=False)
+    else:
+        pipeline_class = StableDiffusionControlNetPipeline
+        settings = dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    if args.pretrained_vae_model_name_or_path:
+        settings["vae"] = AutoencoderKL.from_pretrained(args.pretrained_vae_model_name_or_path)
+    pipe = pipeline_class.from_pretrained(
         args.pretrained_model_name_or_path,
         controlnet=ControlNetModel.from_pretrained(args.controlnet_dir),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
         revision=args.revision,
         variant=args.variant,
+        **settings,
     )
     pipe.scheduler = make_scheduler(pipe.scheduler.config, args.scheduler)
     pipe.set_progress_bar_config(desc="tiles x steps")
     # Cast after loading: diffusers renamed from_pretrained's torch_dtype, and requirements.txt allows both versions.
-    return pipe.to(args.device, dtype)
+    pipe.to(args.device, dtype)
+    pipe.vae.to(dtype=tc.vae_dtype_for(pipe.vae, dtype, args.family))  # the stock SDXL VAE overflows in fp16
+    return pipe
 
 
 def make_scheduler(base_config, name):
@@ -576,22 +596,29 @@ def pad_to_multiple(tensor, multiple):
     return F.pad(tensor, (0, pad_w, 0, pad_h), mode=mode)
 
 
-def predict_noise(pipe, latents, t, conditions, prompt_embeds, negative_embeds, args):
+def predict_noise(pipe, latents, t, conditions, prompt, time_ids, args):
     """UNet + ControlNet prediction for a batch of latent tiles with their condition crops, guided as the pipeline
-    guides: the unconditional half first, then guidance_scale times the difference."""
+    guides: the unconditional half first, then guidance_scale times the difference. `prompt` is encode_prompt's;
+    `time_ids` the tiles' own (SDXL, tile_time_ids) or None."""
     dtype = pipe.unet.dtype
     count = latents.shape[0]
     guided = do_guidance(pipe, args)
-    embeds = prompt_embeds.expand(count, -1, -1)
+    states, negative_states, pooled, negative_pooled = prompt
+    embeds = states.expand(count, -1, -1)
+    added = None if pooled is None else {"text_embeds": pooled.expand(count, -1), "time_ids": time_ids}
     if guided:
         latents, conditions = torch.cat([latents] * 2), torch.cat([conditions] * 2)
-        embeds = torch.cat([negative_embeds.expand(count, -1, -1), embeds])
+        embeds = torch.cat([negative_states.expand(count, -1, -1), embeds])
+        if added:  # the pipeline's negative time ids are the positive ones
+            added = {"text_embeds": torch.cat([negative_pooled.expand(count, -1), added["text_embeds"]]),
+                     "time_ids": torch.cat([time_ids] * 2)}
     down_samples, mid_sample = pipe.controlnet(
         latents.to(dtype),
         t,
         encoder_hidden_states=embeds,
         controlnet_cond=conditions.to(pipe.controlnet.dtype),
         conditioning_scale=args.controlnet_conditioning_scale,
+        added_cond_kwargs=added,
         return_dict=False,
     )
     noise_pred = pipe.unet(
@@ -600,12 +627,32 @@ def predict_noise(pipe, latents, t, conditions, prompt_embeds, negative_embeds, 
         encoder_hidden_states=embeds,
         down_block_additional_residuals=down_samples,
         mid_block_additional_residual=mid_sample,
+        added_cond_kwargs=added,
         return_dict=False,
     )[0].float()
     if guided:
         uncond, text = noise_pred.chunk(2)
         noise_pred = uncond + args.guidance_scale * (text - uncond)
     return noise_pred
+
+
+def encode_prompt(pipe, args, device):
+    """--prompt and --negative_prompt as the pipeline encodes them -> (states, negative states, pooled, negative
+    pooled); the pooled embeddings (SDXL's second encoder) are None for SD-1.x/2.x."""
+    guided = do_guidance(pipe, args)
+    if args.family == "sdxl":
+        return pipe.encode_prompt(args.prompt, device=device, do_classifier_free_guidance=guided,
+                                  negative_prompt=args.negative_prompt)
+    return (*pipe.encode_prompt(args.prompt, device, 1, guided, args.negative_prompt), None, None)
+
+
+def tile_time_ids(tiles, canvas_size, dtype, device):
+    """SDXL's micro-conditioning of each tile, as the Mixture-of-Diffusers SDXL tile pipeline gives it: the canvas
+    (height, width) as the original size, the tile's (top, left) in it as the crop, and its size as the target. A
+    whole-canvas tile is the plain pipeline's (size, (0, 0), size). Tiles in latent units, sizes in pixels."""
+    rows = [[*canvas_size, top * LATENT_FACTOR, left * LATENT_FACTOR, h * LATENT_FACTOR, w * LATENT_FACTOR]
+            for top, left, h, w in tiles]
+    return torch.tensor(rows, dtype=dtype, device=device)
 
 
 def do_guidance(pipe, args):
@@ -630,16 +677,18 @@ def denoise(pipe, latents, condition, tiles, timesteps, args, generator):
     predictions are blended with the tile windows, and one scheduler step moves the whole canvas (the scheduler's
     multistep history belongs to the canvas, not to a tile)."""
     device = latents.device
-    guided = do_guidance(pipe, args)
-    prompt_embeds, negative_embeds = pipe.encode_prompt(args.prompt, device, 1, guided, args.negative_prompt)
+    prompt = encode_prompt(pipe, args, device)
+    canvas_size = tuple(condition.shape[-2:])
+    batched = [(batch, None if prompt[2] is None else tile_time_ids(batch, canvas_size, prompt[0].dtype, device))
+               for batch in batches(tiles, args.batch_size)]
     extra_step_kwargs = pipe.prepare_extra_step_kwargs(generator, args.eta)
     with pipe.progress_bar(total=len(timesteps) * len(tiles)) as progress:
         for t in timesteps:
             model_input = pipe.scheduler.scale_model_input(latents, t)
             noise_pred, weight_sum = torch.zeros_like(latents), torch.zeros_like(latents[:, :1])
-            for batch in batches(tiles, args.batch_size):
+            for batch, time_ids in batched:
                 tile_pred = predict_noise(pipe, crops(model_input, batch), t, crops(condition, batch, LATENT_FACTOR),
-                                          prompt_embeds, negative_embeds, args)
+                                          prompt, time_ids, args)
                 blend_tiles(batch, tile_pred, noise_pred, weight_sum)
                 progress.update(len(batch))
             noise_pred = noise_pred / weight_sum

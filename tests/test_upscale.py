@@ -32,11 +32,12 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="module")
-def controlnet_dir(tiny_model, tmp_path_factory):
+def save_random_controlnet(base, path, family="sd"):
+    """A ControlNet of `base`'s UNet whose condition acts (its zero convolutions made random), with the tile config
+    of 64 px targets from 16 px conditions, saved to `path`."""
     from diffusers import ControlNetModel, UNet2DConditionModel
 
-    controlnet = ControlNetModel.from_unet(UNet2DConditionModel.from_pretrained(tiny_model, subfolder="unet"))
+    controlnet = ControlNetModel.from_unet(UNet2DConditionModel.from_pretrained(base, subfolder="unet"))
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, p in controlnet.named_parameters():
@@ -44,10 +45,16 @@ def controlnet_dir(tiny_model, tmp_path_factory):
                 p.copy_(torch.randn(p.shape, generator=generator) * math.sqrt(2 / p[0].numel()))
             elif not p.any():  # the zero convolutions
                 p.copy_(torch.randn(p.shape, generator=generator) * 0.3)
-    path = tmp_path_factory.mktemp("controlnet") / "controlnet-tile"
     controlnet.save_pretrained(path)
-    tc.save_tile_config(tc.make_parser().parse_args(["--resolution=64", "--condition_resolution=16"]), path)
+    args = tc.make_parser().parse_args(["--resolution=64", "--condition_resolution=16"])
+    args.family = family
+    tc.save_tile_config(args, path)
     return str(path)
+
+
+@pytest.fixture(scope="module")
+def controlnet_dir(tiny_model, tmp_path_factory):
+    return save_random_controlnet(tiny_model, tmp_path_factory.mktemp("controlnet") / "controlnet-tile")
 
 
 @pytest.fixture(scope="module")
