@@ -248,10 +248,13 @@ def check_args(args):
         unet_config = tc.read_model_config(args.pretrained_model_name_or_path, "unet", args.revision)
         mismatch = tc.controlnet_mismatch(tc.read_model_config(args.controlnet_dir), unet_config)
         args.family = tc.base_family(unet_config)
-        if args.pretrained_vae_model_name_or_path:
-            tc.read_model_config(args.pretrained_vae_model_name_or_path)
     except ValueError as exn:
         fail(str(exn))
+    if args.pretrained_vae_model_name_or_path:
+        try:
+            tc.read_model_config(args.pretrained_vae_model_name_or_path)
+        except ValueError as exn:
+            fail(f"--pretrained_vae_model_name_or_path: {exn}")
     if mismatch:
         fail(f"the ControlNet in {args.controlnet_dir} does not fit the base {args.pretrained_model_name_or_path}:"
              f" {mismatch}")

@@ -7,6 +7,7 @@ import json
 import os
 import random
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -15,6 +16,7 @@ from safetensors.torch import load_file
 import train_controlnet as tc
 from conftest import ROOT, assert_ok, run_cli
 from test_train import base_args
+from test_upscale import write_image
 
 TRAINED_SDXL = str(ROOT / "tools" / "tiny-sdxl-trained")
 VALIDATION = ["--validation_image", str(ROOT / "conditioning_image_1.png"), "--validation_prompt", "a dog",
@@ -46,9 +48,25 @@ def straight_and_resumed(model, shards, tmp_path, extra=(), steps=4, **flags):
     return straight, split
 
 
-def test_sdxl_trains_validates_and_resumes_exactly(tiny_sdxl, shards, tmp_path):
+def upscales(base, controlnet_dir, tmp_path):
+    """upscale.py's command on what the trainer wrote: several tiles, a start image and a stochastic sampler."""
+    import upscale as up
+
+    low_res, start, output = tmp_path / "low.png", tmp_path / "start.png", tmp_path / "x4.png"
+    write_image(low_res, 20, 24)
+    write_image(start, 80, 96, seed=1)
+    up.main(up.parse_args(["--pretrained_model_name_or_path", base, "--controlnet_model_name_or_path",
+                           str(controlnet_dir), "--input", str(low_res), "--output", str(output), "--init_image",
+                           str(start), "--strength", "0.5", "--scheduler", "euler_ancestral",
+                           "--num_inference_steps", "2", "--device", "cpu"]))
+    result = np.asarray(Image.open(output))
+    assert result.shape == (96, 80, 3) and result.std() > 1
+
+
+def test_sdxl_trains_validates_resumes_exactly_and_upscales(tiny_sdxl, shards, tmp_path):
     """With half the captions empty and gradient checkpointing (the UNet's too): a checkpoint, validation images from
-    the SDXL ControlNet pipeline, the family in tile_config.json and the model card; 4 steps straight = 2 + 2."""
+    the SDXL ControlNet pipeline, the family in tile_config.json and the model card; 4 steps straight = 2 + 2; the
+    trained model upscales."""
     straight, split = straight_and_resumed(tiny_sdxl, shards, tmp_path, ["--gradient_checkpointing"],
                                            proportion_empty_prompts=0.5)
     assert sorted(os.listdir(straight / "validation")) == ["final-000004.png", "step-000002.png"]
@@ -60,15 +78,17 @@ def test_sdxl_trains_validates_and_resumes_exactly(tiny_sdxl, shards, tmp_path):
     a, b = weights(straight), weights(split)
     assert max_difference(a, b) == 0.0  # bit for bit: data, noise, timesteps, time ids and moments alike
     assert max_difference(a, weights(split / "checkpoint-2" / "controlnet")) > 0
+    upscales(tiny_sdxl, straight, tmp_path)
 
 
-def test_sd2_trains_and_resumes_exactly(tiny_sd2, shards, tmp_path):
+def test_sd2_trains_resumes_exactly_and_upscales(tiny_sd2, shards, tmp_path):
     """SD-2.x shape (linear projections, per-block heads, v-prediction, a wider OpenCLIP-style encoder): the SD path."""
     straight, split = straight_and_resumed(tiny_sd2, shards, tmp_path)
     with open(straight / "tile_config.json") as f:
         assert json.load(f)["family"] == "sd"
     assert max_difference(weights(straight), weights(split)) == 0.0
     assert max_difference(weights(split), weights(split / "checkpoint-2" / "controlnet")) > 0
+    upscales(tiny_sd2, split / "checkpoint-2", tmp_path)  # a checkpoint folder upscales too
 
 
 def test_sdxl_two_gloo_ranks(tiny_sdxl, shards, tmp_path):

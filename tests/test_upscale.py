@@ -310,6 +310,11 @@ BAD_INPUTS = {
         c, t, block_out_channels=[32, 32])}, "block_out_channels is [32, 32] in the ControlNet and [32, 64]"),
     "conditioning channels": (lambda d, t, c: {"--controlnet_model_name_or_path": mismatched_controlnet(
         c, t, conditioning_channels=1)}, "takes 1-channel conditions"),
+    "sdxl controlnet on an sd base": (lambda d, t, c: {"--controlnet_model_name_or_path": mismatched_controlnet(
+        c, t, addition_embed_type="text_time")}, "it is a Stable Diffusion XL ControlNet and the base is Stable"
+                                                 " Diffusion 1.x/2.x"),
+    "missing vae": (lambda d, t, c: {"--pretrained_vae_model_name_or_path": t / "no-vae"},
+                    "--pretrained_vae_model_name_or_path: model not found"),
     "fp16 on cpu": (lambda d, t, c: {"--mixed_precision": "fp16"}, "needs a CUDA GPU"),
     "tile size": (lambda d, t, c: {"--tile_size": "60"}, "--tile_size must be a positive multiple of 8"),
     "tile overlap": (lambda d, t, c: {"--tile_overlap": "64"}, "--tile_overlap must be a multiple of 8 in [0, "),

@@ -141,3 +141,23 @@ def test_sdxl_tiles_leave_no_seam(sdxl, photo, source):
     assert len(tiles) >= 9
     score = up.seam_score(result[0], tiles)
     assert abs(score - 1) < 0.25, score
+
+
+def test_fp16_keeps_the_stock_sdxl_vae_in_float32_and_takes_an_fp16_fix_vae(photo, tmp_path):
+    """--mixed_precision fp16 (cast here on the CPU, past the GPU check): the base's VAE says force_upcast and stays
+    float32, as the trainer and diffusers' SDXL pipelines keep it; a --pretrained_vae_model_name_or_path whose config
+    says it runs in fp16 does."""
+    import json
+    import shutil
+
+    fixed_vae = tmp_path / "vae-fp16-fix"
+    shutil.copytree(f"{TRAINED_SDXL}/vae", fixed_vae)
+    config = json.loads((fixed_vae / "config.json").read_text())
+    (fixed_vae / "config.json").write_text(json.dumps({**config, "force_upcast": False}))
+    controlnet = save_random_controlnet(TRAINED_SDXL, tmp_path / "controlnet", "sdxl")
+    for vae_flag, vae_dtype in (([], torch.float32), (["--pretrained_vae_model_name_or_path", str(fixed_vae)],
+                                                      torch.float16)):
+        args = up.parse_args(cli(TRAINED_SDXL, controlnet, photo, tmp_path / "x.png", *vae_flag))
+        args.mixed_precision = "fp16"
+        pipe = up.load_pipeline(args)
+        assert (pipe.unet.dtype, pipe.controlnet.dtype, pipe.vae.dtype) == (torch.float16, torch.float16, vae_dtype)
