@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from common import compare, make_batches, project_step, reference_step, sd1_models, setup, tiny_models, trainer_args
+from common import compare, make_batches, project_step, reference_step, shape_models, setup, tiny_models, trainer_args
 
 
 def main():
@@ -36,7 +36,7 @@ def main():
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         if full:
-            models, tokenizer = sd1_models(text_layers=cli.text_layers)
+            models, tokenizer = shape_models("sd1", text_layers=cli.text_layers)
             what = (f"random miniSD shapes (SD-1.x UNet, SD VAE, CLIP-L-width text encoder with {cli.text_layers}"
                     " of 12 layers)")
         else:

@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from common import sd1_models, tc
+from common import shape_models, tc
 
 
 def cpu_init_copy(controlnet, device, dtype):
@@ -33,7 +33,7 @@ def main():
     cli = p.parse_args()
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cli.dtype]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    controlnet = sd1_models(text_layers=1)[0][4].to(device)
+    controlnet = shape_models("sd1", text_layers=1)[0][4].to(device)
     best = {"project": float("inf"), "cpu_init": float("inf")}
     for _ in range(cli.rounds):
         for name, make in (("project", tc.inference_copy), ("cpu_init", cpu_init_copy)):

@@ -34,20 +34,24 @@ def tiny_models(model_dir):
     return tc.load_models(args), tc.load_tokenizer(args)
 
 
-def sd1_models(text_layers=12, vae_sample_size=256):
-    """Randomly initialised miniSD / SD-1.x shapes (shapes.py: UNet2DConditionModel defaults with
-    cross_attention_dim 768, the SD VAE, a CLIP-L-shaped text encoder with `text_layers` of CLIP-L's 12), in the
-    trainer's load_models order. The tokenizer is the tiny pipeline's offline BPE one: its ids fit CLIP-L's
-    vocabulary; prompts stay 77 tokens."""
+def shape_models(shape="sd1", text_layers=12, vae_sample_size=256):
+    """Randomly initialised real shapes (shapes.py): sd1, miniSD / SD-1.x (UNet2DConditionModel defaults with
+    cross_attention_dim 768, the SD VAE, a CLIP-L-shaped text encoder); sdxl, SDXL base 1.0 (its UNet and VAE, CLIP-L
+    and OpenCLIP-bigG-shaped encoders in a ModuleList, as the trainer holds them). Each text encoder keeps
+    `text_layers` of its layers; in the trainer's load_models order. The tokenizer (SDXL: the same one twice) is the
+    tiny pipeline's offline BPE one: its ids fit CLIP's vocabulary; prompts stay 77 tokens."""
     from diffusers import DDPMScheduler
     from make_tiny_pipeline import build_tokenizer
     from shapes import build
 
     torch.manual_seed(0)
-    models = build("sd1", text_layers=text_layers, vae_sample_size=vae_sample_size)
+    models = build(shape, text_layers=text_layers, vae_sample_size=vae_sample_size)
     scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                               beta_schedule="scaled_linear", clip_sample=False)
-    return (scheduler, models["text_encoders"][0], models["vae"], models["unet"], models["controlnet"]), build_tokenizer()
+    encoders, tokenizer = models["text_encoders"], build_tokenizer()
+    if len(encoders) > 1:
+        encoders, tokenizer = [torch.nn.ModuleList(encoders)], [tokenizer] * len(encoders)
+    return (scheduler, encoders[0], models["vae"], models["unet"], models["controlnet"]), tokenizer
 
 
 def setup(models, tokenizer, accelerator, args):
@@ -60,8 +64,11 @@ def setup(models, tokenizer, accelerator, args):
     controlnet.train()
     if args.enable_xformers_memory_efficient_attention:
         tc.enable_xformers([unet, controlnet], accelerator.device)
+    family = tc.base_family(unet.config)
     if args.gradient_checkpointing:
         controlnet.enable_gradient_checkpointing()
+        if family == "sdxl":
+            unet.enable_gradient_checkpointing()
     if getattr(args, "channels_last", False):
         tc.use_channels_last(unet, vae, controlnet, args)
     if getattr(args, "torch_compile", None):
@@ -72,8 +79,9 @@ def setup(models, tokenizer, accelerator, args):
                                  num_training_steps=args.max_train_steps)
     controlnet, optimizer, lr_scheduler = accelerator.prepare(controlnet, optimizer, lr_scheduler)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    for frozen in (vae, unet, text_encoder):
+    for frozen in (unet, text_encoder):
         frozen.to(accelerator.device, dtype=weight_dtype)
+    vae.to(accelerator.device, dtype=tc.vae_dtype_for(vae, weight_dtype, family))
     encode_prompts = tc.PromptEncoder(text_encoder, tokenizer, accelerator.device)
     return SimpleNamespace(args=args, accelerator=accelerator, noise_scheduler=noise_scheduler, vae=vae, unet=unet,
                            text_encoder=text_encoder, controlnet=controlnet, optimizer=optimizer,
@@ -84,22 +92,28 @@ def setup(models, tokenizer, accelerator, args):
 def make_batches(n, batch_size, resolution, tokenizer, seed=0):
     """Fixed host-side batches shaped like each loader's: uint8 images for the project (normalised on the device),
     float ones for the reference (as upstream's collate makes them); pinned when CUDA is there, as loaders do.
-    No empty captions: --proportion_empty_prompts is 0 by default."""
+    No empty captions: --proportion_empty_prompts is 0 by default. With SDXL's two tokenizers (a list), the second's
+    ids and each sample's time ids (a centred square crop of a `resolution` image) as make_tile_pair adds them."""
+    tokenizers = tokenizer if isinstance(tokenizer, list) else [tokenizer]
     g = torch.Generator().manual_seed(seed)
     captions = ["a tabby cat looking at the camera", "a red motorcycle parked in a garage", "the moon at night"]
     batches = []
     for i in range(n):
         caps = [captions[(i + j) % len(captions)] for j in range(batch_size)]
-        ids = tokenizer(caps, max_length=tokenizer.model_max_length, padding="max_length", truncation=True,
-                        return_tensors="pt").input_ids
+        ids = [t(caps, max_length=t.model_max_length, padding="max_length", truncation=True,
+                 return_tensors="pt").input_ids for t in tokenizers]
         images = torch.randint(0, 256, (2, batch_size, 3, resolution, resolution), generator=g, dtype=torch.uint8)
         batch = {
             "pixel_values": images[0],
             "conditioning_pixel_values": images[1][..., ::4, ::4].contiguous(),  # shipped small, enlarged on the device
             "reference_pixel_values": images[0].float() / 127.5 - 1,
             "reference_conditioning_pixel_values": images[1].float() / 255,
-            "input_ids": ids,
+            "input_ids": ids[0],
         }
+        if len(ids) > 1:
+            batch["input_ids_2"] = ids[1]
+            batch["time_ids"] = tc.sdxl_time_ids((resolution, resolution), (0, 0, resolution), resolution).repeat(
+                batch_size, 1)
         if torch.cuda.is_available():
             batch = {k: v.pin_memory() for k, v in batch.items()}
         batches.append(batch)

@@ -134,10 +134,10 @@ def format_table(shape, models):
               f"{gib(autocast_copies(models['controlnet'])).strip()} GiB",
               f"- DDP (more than one GPU) adds its gradient buckets (gradient_as_bucket_view=False, accelerate's "
               f"default): {gib(fp32_blocks(param_sizes(models['controlnet']))).strip()} GiB"]
-    if models["vae"].config.get("force_upcast"):
+    if shape == "sdxl" and models["vae"].config.get("force_upcast"):  # as the trainer's vae_dtype_for keeps it
         extra = module_bytes(models["vae"], torch.float32) - module_bytes(models["vae"], torch.float16)
-        lines.append(f"- a VAE kept in fp32 because its config says force_upcast (the stock SD and SDXL VAEs; "
-                     f"madebyollin/sdxl-vae-fp16-fix, same shape, does not) adds {gib(extra).strip()} GiB")
+        lines.append(f"- under fp16 the stock SDXL VAE stays fp32 (its config says force_upcast; "
+                     f"madebyollin/sdxl-vae-fp16-fix, same shape, does not): {gib(extra).strip()} GiB more")
     return "\n".join(lines)
 
 
