@@ -54,3 +54,20 @@ def test_slurm_script_parses_and_launches_the_elastic_reference_command(tmp_path
     for piece in expected:
         assert piece in launch.replace("\\", ""), piece
     assert re.search(r"--train_shards_path_or_url=/data/laion/\\?\{00000..00099\\?\}.tar", launch)
+
+
+def test_scripts_take_an_sdxl_model_name_and_its_flags(tmp_path):
+    """README's SDXL command through the SLURM script: MODEL_NAME, the resolutions and extra flags reach the trainer,
+    which reads the family from the base itself (nothing in the scripts is SD-1.x-only)."""
+    env = {**os.environ, "DRY_RUN": "1", "SLURM_NNODES": "2", "MASTER_ADDR": "gpu-node-001",
+           "MODEL_NAME": "stabilityai/stable-diffusion-xl-base-1.0", "RESOLUTION": "1024", "CONDITION_RESOLUTION": "256",
+           "BS": "4", "GRAD_ACCUM": "4", "PROMPT_DROPOUT": "0.5"}
+    extra = ["--pretrained_vae_model_name_or_path=madebyollin/sdxl-vae-fp16-fix", "--condition_scales", "2", "3", "4"]
+    proc = subprocess.run(["bash", str(SCRIPTS / "train_slurm.sbatch"), *extra], env=env, capture_output=True,
+                          text=True, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    launch = proc.stdout.strip().splitlines()[1].replace("\\", "")
+    for piece in ["--pretrained_model_name_or_path=stabilityai/stable-diffusion-xl-base-1.0", "--resolution=1024",
+                  "--condition_resolution=256", "--train_batch_size=4", "--gradient_accumulation_steps=4",
+                  "--proportion_empty_prompts 0.5", "--num_processes 16", " ".join(extra)]:
+        assert piece in launch, piece
