@@ -18,6 +18,10 @@ StableDiffusionControlNetImg2ImgPipeline's strength, gradio_tile.py's denoise), 
 tiled VAE encoding noised to the timestep of --strength, and only the last int(strength x steps) steps run. The
 start image is the condition unless --init_image gives another (an SR model's output, say); --strength 1 starts from
 pure noise.
+
+SD-1.x, SD-2.x and SDXL bases take the same code; the family, read from the base's UNet config as the trainer reads
+it, picks the pipeline (its prompt encoding), and an SDXL tile also gets the pooled prompt and the time ids of its
+place in the canvas (tile_time_ids).
 """
 
 import argparse
