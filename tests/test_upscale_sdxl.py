@@ -8,36 +8,30 @@ import torch
 from PIL import Image
 
 from conftest import ROOT
-from test_upscale import cli, gradient_image, one_thread, photo, save_random_controlnet, write_image  # noqa: F401
+from test_upscale import (assert_no_seams, cli, gradient_image, load, one_thread, photo,  # noqa: F401
+                          save_random_controlnet, write_image)
 
 import upscale as up
 
 TRAINED_SDXL = str(ROOT / "tools" / "tiny-sdxl-trained")
 
 
-def load(base, family, tmp_path_factory, photo):
-    """A pipeline on `base` with a random ControlNet of its own shape, and a function that makes arguments for it."""
+def load_with_random_controlnet(base, family, tmp_path_factory, photo):
+    """test_upscale's pipeline and argument maker, on `base` with a random ControlNet of its own shape."""
     controlnet = save_random_controlnet(base, tmp_path_factory.mktemp("controlnet") / "controlnet-tile", family)
-    out = tmp_path_factory.mktemp("out") / "x.png"
-
-    def make_args(*extra):
-        return up.parse_args(cli(base, controlnet, photo, out, *extra))
-
-    pipe = up.load_pipeline(make_args())
-    pipe.set_progress_bar_config(disable=True)
-    return pipe, make_args
+    return load(base, controlnet, photo, tmp_path_factory.mktemp("out") / "x.png")
 
 
 @pytest.fixture(scope="module")
 def sd2(tiny_sd2, tmp_path_factory, photo):
-    return load(tiny_sd2, "sd", tmp_path_factory, photo)
+    return load_with_random_controlnet(tiny_sd2, "sd", tmp_path_factory, photo)
 
 
 @pytest.fixture(scope="module")
 def sdxl(tmp_path_factory, photo):
     """On the trained tiny SDXL base: it has learned to use its time ids (a random base barely does), and its VAE
     decodes real structure, where a tile border would show."""
-    return load(TRAINED_SDXL, "sdxl", tmp_path_factory, photo)
+    return load_with_random_controlnet(TRAINED_SDXL, "sdxl", tmp_path_factory, photo)
 
 
 def mean_difference(ours, theirs):
@@ -131,16 +125,9 @@ def test_every_tile_gets_the_time_ids_of_its_place_and_the_pooled_prompt(sdxl, p
 
 @pytest.mark.parametrize("source", ["gradient", "photo"])
 def test_sdxl_tiles_leave_no_seam(sdxl, photo, source):
-    """Tile borders step no more than the other lines at the same offset (the SD
-    version of this test, in test_upscale.py, says what blending without windows scores)."""
-    pipe, make_args = sdxl
-    args = make_args("--color_fix", "none")
-    image = gradient_image() if source == "gradient" else Image.open(photo)
-    result, _ = up.generate(pipe, image, args)
-    tiles = up.canvas_tiles(*result.shape[-2:], args)
-    assert len(tiles) >= 9
-    score = up.seam_score(result[0], tiles)
-    assert abs(score - 1) < 0.25, score
+    """Measured over seeds 0-5: 0.91-1.17 on the gradient, 0.94-1.08 on the photo (the SD version of this test, in
+    test_upscale.py, says what blending without windows scores)."""
+    assert_no_seams(*sdxl, gradient_image() if source == "gradient" else Image.open(photo))
 
 
 def test_fp16_keeps_the_stock_sdxl_vae_in_float32_and_takes_an_fp16_fix_vae(photo, tmp_path):
