@@ -463,8 +463,8 @@ def check_args(args, error):
     if args.num_holdout_samples == 1:
         error("--num_holdout_samples must be 0 or >= 2 (the condition-use gap compares samples' conditions)")
     if args.resume_from_checkpoint not in (None, "latest"):
-        try:
-            resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)
+        try:  # sizes only: every rank parses the flags, and the checksums are read once, by the main process
+            resolve_checkpoint(args.resume_from_checkpoint, args.output_dir, checksums=False)
         except ValueError as exn:
             error(f"--resume_from_checkpoint: {exn}")
     urls = wds.shardlists.expand_urls(args.train_shards_path_or_url)
@@ -1966,7 +1966,7 @@ def usable_checkpoints(output_dir, checksums=True):
             logger.warning(f"ignoring {path}: not a usable checkpoint ({problem})")
 
 
-def resolve_checkpoint(spec, output_dir):
+def resolve_checkpoint(spec, output_dir, checksums=True):
     """--resume_from_checkpoint -> the (step, path) to try in turn, newest first, lazily verified (none for 'latest'
     with no usable checkpoint).
 
@@ -1975,15 +1975,40 @@ def resolve_checkpoint(spec, output_dir):
     output_dir) must be a valid checkpoint: ValueError otherwise.
     """
     if spec == "latest":
-        return usable_checkpoints(output_dir)
+        return usable_checkpoints(output_dir, checksums)
     path = spec if os.path.isdir(spec) else os.path.join(output_dir, spec)
     m = CHECKPOINT_RE.match(os.path.basename(os.path.normpath(path)))
     if not (m and os.path.isdir(path)):
         raise ValueError(f"no checkpoint-N directory at {spec}")
-    problem = checkpoint_problem(path)
+    problem = checkpoint_problem(path, checksums)
     if problem is not None:
         raise ValueError(f"{path} is not a usable checkpoint ({problem})")
     return iter([(int(m.group(1)), path)])
+
+
+def agreed_checkpoints(accelerator, spec, output_dir):
+    """resolve_checkpoint's candidates as the main process verifies them, handed to every rank one at a time.
+
+    One process reads each checkpoint's checksums (not every rank of every node: an SDXL checkpoint with AdamW's
+    states is ~15 GB), a damaged one is named in one warning, and all ranks try the same checkpoint in the same
+    order even where their views of a shared filesystem differ. Collective: every rank takes as many items from it as
+    the others (load_checkpoint stops every rank at the same one)."""
+    from accelerate.utils import broadcast_object_list
+
+    candidates, problem = None, None
+    if accelerator.is_main_process:
+        try:
+            candidates = resolve_checkpoint(spec, output_dir)
+        except ValueError as exn:  # an explicit checkpoint whose checksums do not match
+            problem = str(exn)
+    while True:
+        found = [problem or (next(candidates, None) if accelerator.is_main_process else None)]
+        broadcast_object_list(found)
+        if isinstance(found[0], str):
+            raise SystemExit(f"error: --resume_from_checkpoint: {found[0]}")
+        if found[0] is None:
+            return
+        yield tuple(found[0])
 
 
 def newest_checkpoint(output_dir):
@@ -2806,7 +2831,7 @@ def main(args):
     consumers = accelerator.num_processes * max(1, args.dataloader_num_workers)
     global_step, data_resume = 0, None
     if args.resume_from_checkpoint:
-        found = load_checkpoint(accelerator, resolve_checkpoint(args.resume_from_checkpoint, args.output_dir))
+        found = load_checkpoint(accelerator, agreed_checkpoints(accelerator, args.resume_from_checkpoint, args.output_dir))
         if found is None:
             accelerator.print(f"Checkpoint '{args.resume_from_checkpoint}' does not exist. Starting a new training run.")
         else:

@@ -75,6 +75,10 @@ def test_a_cut_file_of_a_checkpoint_without_manifest_is_caught(trained, tmp_path
 
 
 def test_a_flipped_byte_is_caught_by_the_checksum(trained, tmp_path):
+    """The flag check reads sizes only (every rank parses the flags); the main process's checksums see the flip, and
+    skip the checkpoint for `latest` or stop with one line for an explicit path."""
+    from accelerate import Accelerator
+
     out = copy_of(trained, tmp_path)
     path = out / "checkpoint-6" / "optimizer.bin"
     data = bytearray(path.read_bytes())
@@ -82,14 +86,19 @@ def test_a_flipped_byte_is_caught_by_the_checksum(trained, tmp_path):
     path.write_bytes(bytes(data))
     assert "checksum" in tc.checkpoint_problem(str(out / "checkpoint-6"))
     assert tc.checkpoint_problem(str(out / "checkpoint-6"), checksums=False) is None  # sizes alone cannot see it
+    accelerator = Accelerator(cpu=True)
+    assert next(tc.agreed_checkpoints(accelerator, "latest", str(out))) == (4, str(out / "checkpoint-4"))
+    with pytest.raises(SystemExit, match=r"--resume_from_checkpoint: .*checkpoint-6 is not a usable checkpoint"
+                                         r" \(optimizer.bin is damaged \(checksum mismatch\)\)"):
+        next(tc.agreed_checkpoints(accelerator, str(out / "checkpoint-6"), str(out)))
 
 
 def test_resume_skips_a_cut_checkpoint_falls_back_from_a_failed_load_and_prunes_nothing_it_needs(trained, tiny_model,
                                                                                                    shards, tmp_path):
     """checkpoint-6: optimizer.bin cut in half (the issue's case), caught by the manifest. checkpoint-4 and -2 have no
     manifest, as upstream's script writes them; checkpoint-4's optimizer.bin is a whole torch file of the wrong
-    content, which no structural check can see, so its load fails. The run loads checkpoint-2 (rc 0), writes
-    checkpoint-3 and, with --checkpoints_total_limit=1, keeps it although the damaged checkpoint-6 is newer."""
+    content, which no structural check can see, so its load fails. The run, on 2 ranks, loads checkpoint-2 (rc 0),
+    writes checkpoint-3 and, with --checkpoints_total_limit=1, keeps it although the damaged checkpoint-6 is newer."""
     out = copy_of(trained, tmp_path)
     cut(out / "checkpoint-6" / "optimizer.bin")
     for name in ("checkpoint-2", "checkpoint-4"):
@@ -97,8 +106,11 @@ def test_resume_skips_a_cut_checkpoint_falls_back_from_a_failed_load_and_prunes_
     torch.save({"state": {}, "param_groups": []}, out / "checkpoint-4" / "optimizer.bin")
     assert tc.checkpoint_problem(str(out / "checkpoint-4")) is None
     proc = run_cli(base_args(tiny_model, shards, str(out), max_train_steps=3, checkpointing_steps=3,
-                             checkpoints_total_limit=1, resume_from_checkpoint="latest"), cwd=tmp_path)
+                             checkpoints_total_limit=1, resume_from_checkpoint="latest"), cwd=tmp_path,
+                   num_processes=2, env={"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"})
     assert_ok(proc)
+    # Two ranks, one warning: the main process alone verifies (and reads the checksums), and hands both ranks the
+    # same checkpoints to try.
     assert proc.log.count(f"ignoring {out}/checkpoint-6") == 1
     assert f"Resuming from checkpoint {out}/checkpoint-6" not in proc.log
     assert f"could not load {out}/checkpoint-4" in proc.log
