@@ -2294,7 +2294,7 @@ class DataProgress:
         # The state at the checkpoint resumed from, unknown for checkpoints that kept none (shared shards, resampled)
         self.shards = {u: FRESH for u in urls} if not resume else resume.get("shards")
         self.changed, self.tracked = {}, self.shards is not None
-        self.latest = {}
+        self.latest, self.pending = {}, []
         self.last_totals = {}
         self.reported = None
 
@@ -2305,6 +2305,18 @@ class DataProgress:
             self.tracked = False
         else:
             self.changed.update(changes)
+
+    def fetched(self, batch):
+        """A micro-batch's data, counted in once its optimisation step is taken (`step_taken`): a stop amid a gradient
+        accumulation saves the data state of the step before, and a resume reads those micro-batches again."""
+        self.pending.append({k: batch.get(k) for k in ("consumer", "data_stats", "shard_changes", "keys")})
+
+    def step_taken(self):
+        """-> the micro-batches of the optimisation step just taken, now counted in."""
+        taken, self.pending = self.pending, []
+        for batch in taken:
+            self.update(batch)
+        return taken
 
     def local_totals(self):
         return {k: sum(stats.get(k, 0) for stats in self.latest.values()) for k in STAT_KEYS}
@@ -2970,18 +2982,22 @@ def main(args):
             except StopDuringStall as stop:
                 stopped_by = str(stop)
                 end_workers(batches)
+                # Amid a gradient accumulation, its micro-batches were never applied: the checkpoint keeps neither
+                # their data (see DataProgress.fetched) nor accelerate's count of them, and a resume reads them again.
+                accelerator.step -= accelerator.step % args.gradient_accumulation_steps
                 if global_step > first_step:
                     with meter.paused():
                         save_state(global_step)
                 stop_notice(stopped_by, global_step, saved=global_step > first_step, while_stalled=True)
                 break
-            progress.update(batch)
-            if keys_file:
-                keys_file.writelines(f"{global_step + 1} {batch['consumer']} {key}\n" for key in batch["keys"])
+            progress.fetched(batch)
             finite = train_step(batch, models, noise_scheduler, optimizer, lr_scheduler, encode_prompts, meter,
                                 accelerator, args, weight_dtype)
             if not accelerator.sync_gradients:
                 continue
+            taken = progress.step_taken()
+            if keys_file:
+                keys_file.writelines(f"{global_step + 1} {b['consumer']} {key}\n" for b in taken for key in b["keys"])
             progress_bar.update(1)
             global_step += 1
             nonfinite_streak = 0 if finite else nonfinite_streak + 1

@@ -3,6 +3,7 @@ one of them is stalled in the same wait, and save and exit 0 at once; a rank tha
 stops with the others or makes all of them go on, never one of each."""
 
 import itertools
+import json
 import os
 import signal
 import subprocess
@@ -11,6 +12,7 @@ import time
 
 import psutil
 import pytest
+import torch
 import torch.distributed as dist
 
 from conftest import ROOT, launch_command
@@ -134,14 +136,15 @@ def cut_shard(tmp_path, samples):
 
 
 def test_sigterm_to_the_job_during_a_total_stall_of_two_ranks_saves_and_exits_0_within_a_minute(tiny_model, tmp_path):
-    # Each rank's one shard holds 111 samples and then stops answering: the shuffle buffer (100 before it yields,
-    # then one per two read) lets out 2 batches of 2 on each rank, which then both wait for the same 3rd batch.
-    cut = cut_shard(tmp_path, 111)
+    # Each rank's one shard holds 114 samples and then stops answering: the shuffle buffer (100 before it yields,
+    # then one per two read) lets out 3 batches of 2 on each rank, which then both wait for the same 4th batch: amid
+    # the second optimisation step, which accumulates 2 micro-batches.
+    cut = cut_shard(tmp_path, 114)
     stalls = [stalling_command(tmp_path / f"rank{rank}") for rank in range(2)]
     spec = "::".join(f"pipe:cat {cut}; {stall}" for stall in stalls)
     out = tmp_path / "out"
     args = base_args(tiny_model, spec, str(out), max_train_steps=1000, logging_steps=1, checkpointing_steps=1000,
-                     dataloader_num_workers=1, resume_from_checkpoint="latest")
+                     dataloader_num_workers=1, resume_from_checkpoint="latest", gradient_accumulation_steps=2)
     env = {**os.environ, "WANDB_MODE": "offline", "ACCELERATE_USE_CPU": "1", "PYTHONUNBUFFERED": "1"}
     command = [str(ROOT / "scripts" / "preemptible.sh"), *launch_command(num_processes=2),
                str(ROOT / "train_controlnet.py"), *args]
@@ -175,7 +178,10 @@ def test_sigterm_to_the_job_during_a_total_stall_of_two_ranks_saves_and_exits_0_
     assert "Num processes: 2" in text
     notice = f"SIGTERM received while waiting for data from stalled shards: stopped at step {lines} after saving"
     assert text.count(notice) == 2, text[-4000:]  # both ranks, at the same step
-    assert lines == 2 and checkpoints(out) == [f"checkpoint-{lines}"]
-    assert tc.checkpoint_problem(str(out / f"checkpoint-{lines}")) is None  # its manifest verifies
-    assert (out / f"checkpoint-{lines}" / "random_states_1.pkl").exists()
+    assert lines == 1 and checkpoints(out) == ["checkpoint-1"]
+    saved = out / "checkpoint-1"
+    assert tc.checkpoint_problem(str(saved)) is None  # its manifest verifies
+    # The unfinished step's micro-batch is in neither the data state nor accelerate's count: a resume reads it again.
+    assert json.loads((saved / tc.DATA_STATE).read_text())["samples_read"] == [4, 4]
+    assert [torch.load(saved / f"random_states_{r}.pkl", weights_only=False)["step"] for r in range(2)] == [2, 2]
     assert took < 60 and not any(running(stall) for stall in stalls)
