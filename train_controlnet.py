@@ -2662,21 +2662,25 @@ class StopRequests:
             raise StopDuringStall(self.received[0])
         if self.decided is None:
             self.alarm(STALL_POLL)
+        if self.decided == "go" or waited >= 2 * STOP_GRACE:  # the ranks' grace ends within seconds of each other
+            self.tell_partial_stall()
 
     def agree(self, ask):
         """One question to the agreement about the wait under way. A store that fails (its host, the launcher, is
         gone) decides "go": the stop then waits for the next logging step."""
         try:
-            decided = ask(self.waits)
+            return ask(self.waits)
         except Exception as exn:
             logger.warning(f"the ranks could not agree on a stop while waiting for data ({exn!r})")
-            self.agreement, decided = None, "go"
-        if decided == "go" and not self.told:
+            self.agreement = None
+            return "go"
+
+    def tell_partial_stall(self):
+        if not self.told:
             self.told = True
             logger.warning(f"{self.received[0]} received while waiting for data, but not every rank is stalled: the"
                            " stop waits for the next logging step (a stalled shard is abandoned after"
                            " --shard_timeout)")
-        return decided
 
     def alarm(self, seconds):
         self.armed = True
@@ -2695,8 +2699,11 @@ class StopRequests:
             if self.armed:  # no alarm is left to interrupt a collective
                 self.armed = False
                 signal.setitimer(signal.ITIMER_REAL, 0)
-        if self.posted and self.decided is None and self.agree(self.agreement.resume) == "stop":
-            raise StopDuringStall(self.received[0])
+        if self.posted and self.decided is None:
+            self.decided = self.agree(self.agreement.resume)
+            if self.decided == "stop":
+                raise StopDuringStall(self.received[0])
+            self.tell_partial_stall()
         self.waits += 1
 
 
