@@ -2594,8 +2594,10 @@ class StallAgreement:
 
         if accelerator.num_processes == 1:
             store = HashStore()
-        else:  # torch exposes the default group's store only privately
+        elif torch.distributed.is_initialized():  # torch exposes the default group's store only privately
             store = torch.distributed.distributed_c10d._get_default_store()
+        else:
+            return None  # ranks that share no store (XLA): a stop during a stall waits for the next logging step
         attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")  # never an earlier elastic attempt's keys
         return cls(PrefixStore(f"controlnet-stall-stop/{attempt}", store), accelerator.num_processes)
 
