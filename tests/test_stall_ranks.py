@@ -22,8 +22,9 @@ from test_train import base_args, checkpoints
 import train_controlnet as tc
 
 
-def agreements(world, store=None):
-    store = store or dist.HashStore()
+def agreements(world):
+    """`world` ranks' agreements over one store."""
+    store = dist.HashStore()
     return [tc.StallAgreement(dist.PrefixStore("job", store), world) for _ in range(world)]
 
 
@@ -104,8 +105,7 @@ def test_a_rank_whose_data_comes_after_the_stop_drops_its_batch_and_stops(stop_r
     a, b = stop_requests
     trained = []
     with pytest.raises(tc.StopDuringStall):
-        with a.waiting():
-            a.check_wait()  # a's grace runs out: it posts, nothing is decided yet
+        with a.waiting():  # no grace: a posts at once, and nothing is decided yet
             with pytest.raises(tc.StopDuringStall, match="SIGTERM"), b.waiting():  # b posts last: stop
                 trained.append("b")
             batch = "a's batch, come at last"  # noqa: F841
@@ -115,8 +115,8 @@ def test_a_rank_whose_data_comes_after_the_stop_drops_its_batch_and_stops(stop_r
 
 def test_a_rank_whose_data_comes_first_makes_every_rank_go_on(stop_requests):
     a, b = stop_requests
-    with a.waiting():
-        a.check_wait()
+    with a.waiting():  # a posts, then its batch comes
+        pass
     with b.waiting():  # b's grace runs out after a went on: the stall was not total
         assert b.decided == "go"
     assert a.waits == b.waits == 1
