@@ -2319,7 +2319,7 @@ class DataProgress:
         # The state at the checkpoint resumed from, unknown for checkpoints that kept none (shared shards, resampled)
         self.shards = {u: FRESH for u in urls} if not resume else resume.get("shards")
         self.changed, self.tracked = {}, self.shards is not None
-        self.latest = {}
+        self.latest, self.pending = {}, []
         self.last_totals = {}
         self.reported = None
 
@@ -2330,6 +2330,18 @@ class DataProgress:
             self.tracked = False
         else:
             self.changed.update(changes)
+
+    def fetched(self, batch):
+        """A micro-batch's data, counted in once its optimisation step is taken (`step_taken`): a stop amid a gradient
+        accumulation saves the data state of the step before, and a resume reads those micro-batches again."""
+        self.pending.append({k: batch.get(k) for k in ("consumer", "data_stats", "shard_changes", "keys")})
+
+    def step_taken(self):
+        """-> the micro-batches of the optimisation step just taken, now counted in."""
+        taken, self.pending = self.pending, []
+        for batch in taken:
+            self.update(batch)
+        return taken
 
     def local_totals(self):
         return {k: sum(stats.get(k, 0) for stats in self.latest.values()) for k in STAT_KEYS}
@@ -2574,11 +2586,60 @@ def use_channels_last(unet, vae, controlnet, args):
 
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # what SLURM and spot instances send before they kill a job
-STOP_GRACE = 15  # seconds a single-process run waits for data, once a stop has arrived, before it stops at once
+STOP_GRACE = 15  # seconds a run waits for data, once a stop has arrived, before it stops at once (see StopRequests)
+STALL_POLL = 0.5  # seconds between a stalled rank's reads of the ranks' decision (see StallAgreement)
 
 
-class StopDuringStall(Exception):
-    """A stop that a single-process run honours at once: it has waited STOP_GRACE seconds for data."""
+class StopDuringStall(BaseException):
+    """A stop honoured at once, in the wait for data: every rank has waited STOP_GRACE seconds for the same batch.
+    Not an Exception: with --dataloader_num_workers=0 it can be raised inside the data pipeline, whose skip handlers
+    would count it as a bad sample and go on."""
+
+
+class StallAgreement:
+    """Whether every rank is stalled in the same wait for data, agreed through a key-value store (the process group's;
+    an in-memory one for a single process). Used only once a stop has arrived and the grace has run out: a healthy
+    run never touches the store.
+
+    Waits are numbered by the batches fetched before them, the same on every rank (each fetches one per micro-batch,
+    also under gradient accumulation). A rank whose grace ran out in wait W posts it; the post that makes it every
+    rank's decides "stop", and every stalled rank stops there: all are then outside any collective, at the same
+    wait, and save together. A rank that posted and then gets its batch decides "go" unless "stop" came first: the
+    stall was not total, and the ranks go on to stop at the next logging step. The decision is set once
+    (compare_set), so no two ranks read different ones; a rank that never stalled never posts, so a partial stall
+    never decides "stop".
+    """
+
+    def __init__(self, store, world_size):
+        self.store, self.world_size = store, world_size
+
+    @classmethod
+    def for_run(cls, accelerator):
+        from torch.distributed import HashStore, PrefixStore
+
+        if accelerator.num_processes == 1:
+            store = HashStore()
+        elif torch.distributed.is_initialized():  # torch exposes the default group's store only privately
+            store = torch.distributed.distributed_c10d._get_default_store()
+        else:
+            return None  # ranks that share no store (XLA): a stop during a stall waits for the next logging step
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")  # never an earlier elastic attempt's keys
+        return cls(PrefixStore(f"controlnet-stall-stop/{attempt}", store), accelerator.num_processes)
+
+    def post(self, wait):
+        """This rank has waited out the grace in `wait` (once per wait) -> the decision."""
+        if self.store.add(f"{wait}/stalled", 1) == self.world_size:
+            self.store.compare_set(f"{wait}/decision", "", "stop")
+        return self.decision(wait)
+
+    def decision(self, wait):
+        """-> "stop", "go" or None (not decided yet)."""
+        key = f"{wait}/decision"
+        return self.store.get(key).decode() if self.store.check([key]) else None
+
+    def resume(self, wait):
+        """This rank, which posted `wait`, got its batch -> the decision: "go" unless "stop" came first."""
+        return self.store.compare_set(f"{wait}/decision", "", "go").decode()
 
 
 class StopRequests:
@@ -2587,14 +2648,16 @@ class StopRequests:
     a signal it does not handle (SIGUSR1 kills it) leaves its ranks running in their own sessions, and they save and
     end instead of training on unsupervised.
 
-    With `interrupt_stalls` (one process), a stop that finds the run waiting for data (`waiting`) for STOP_GRACE
-    seconds raises StopDuringStall in that wait, so that stalled shards cannot hold a stop up for as long as the
-    watchdog's --shard_timeout. Several ranks cannot leave a wait on their own (the others would be left in a step's
-    collective): they stop at the first logging step after the watchdog has freed their consumers.
+    Once the run trains (`agreement` set), a stop signal that finds every rank waiting (`waiting`) for the same batch
+    for STOP_GRACE seconds raises StopDuringStall in that wait on every rank (see StallAgreement), so that stalled
+    shards cannot hold a stop up for as long as the watchdog's --shard_timeout. While some rank still gets data, the
+    stop waits for the next logging step.
     """
 
     def __init__(self):
-        self.received, self.wait_started, self.interrupt_stalls = [], None, False
+        self.received, self.wait_started, self.agreement = [], None, None
+        self.waits = 0  # batches fetched so far: the number of the wait under way, the same on every rank
+        self.posted, self.decided, self.armed, self.told = False, None, False, False  # see check_wait
         for sig in STOP_SIGNALS:
             signal.signal(sig, self.handler)
         signal.signal(signal.SIGALRM, lambda signum, frame: self.check_wait())  # the grace's end, see check_wait
@@ -2613,21 +2676,62 @@ class StopRequests:
         self.check_wait()
 
     def check_wait(self):
-        if not (self.interrupt_stalls and self.received and self.wait_started is not None):
+        """In a wait, once a stop has arrived: after the grace, post this rank's stall and poll the decision."""
+        if not (self.agreement and self.received and self.wait_started is not None) or self.decided:
             return
         waited = time.monotonic() - self.wait_started
-        if waited >= STOP_GRACE:
+        if waited < STOP_GRACE:
+            self.alarm(STOP_GRACE - waited + 0.01)  # then SIGALRM checks again
+            return
+        self.decided = self.agree(self.agreement.decision if self.posted else self.agreement.post)
+        self.posted = True
+        if self.decided == "stop":
             raise StopDuringStall(self.received[0])
-        signal.setitimer(signal.ITIMER_REAL, STOP_GRACE - waited + 0.01)  # then SIGALRM checks again
+        if self.decided is None:
+            self.alarm(STALL_POLL)
+        if self.decided == "go" or waited >= 2 * STOP_GRACE:  # the ranks' grace ends within seconds of each other
+            self.tell_partial_stall()
+
+    def agree(self, ask):
+        """One question to the agreement about the wait under way. A store that fails (its host, the launcher, is
+        gone) decides "go": the stop then waits for the next logging step."""
+        try:
+            return ask(self.waits)
+        except Exception as exn:
+            logger.warning(f"the ranks could not agree on a stop while waiting for data ({exn!r})")
+            self.agreement = None
+            return "go"
+
+    def tell_partial_stall(self):
+        if not self.told:
+            self.told = True
+            logger.warning(f"{self.received[0]} received while waiting for data, but not every rank is stalled: the"
+                           " stop waits for the next logging step (a stalled shard is abandoned after"
+                           " --shard_timeout)")
+
+    def alarm(self, seconds):
+        self.armed = True
+        signal.setitimer(signal.ITIMER_REAL, seconds)
 
     @contextlib.contextmanager
     def waiting(self):
-        self.wait_started = time.monotonic()
+        """The wait for the next batch. A rank that posted its stall and then gets its batch stops with the others,
+        dropping that batch unused, if they decided to stop meanwhile."""
+        self.wait_started, self.posted, self.decided = time.monotonic(), False, None
         try:
             self.check_wait()
             yield
         finally:
             self.wait_started = None
+            if self.armed:  # no alarm is left to interrupt a collective
+                self.armed = False
+                signal.setitimer(signal.ITIMER_REAL, 0)
+        if self.posted and self.decided is None:
+            self.decided = self.agree(self.agreement.resume)
+            if self.decided == "stop":
+                raise StopDuringStall(self.received[0])
+            self.tell_partial_stall()
+        self.waits += 1
 
 
 def stop_notice(reason, step, saved, while_stalled=False):
@@ -2652,6 +2756,22 @@ def endless_batches(loader):
             for worker in getattr(iterator, "_workers", ()):
                 if worker.is_alive():
                     kill_tree(worker.pid)
+
+
+def end_workers(iterator):
+    """End a stalled loader's dataloader workers and the commands they started at once (none with
+    --dataloader_num_workers=0): torch's shutdown waits 2 x 5 s, one worker after the other, for each that is stuck in
+    a read. Its SIGCHLD handler, which would take their deaths for a crash, is set aside until it has let them go."""
+    workers = getattr(iterator, "_workers", ())
+    if not workers:
+        return
+    handler = signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    try:
+        for worker in workers:
+            kill_tree(worker.pid)
+        iterator._shutdown_workers()
+    finally:
+        signal.signal(signal.SIGCHLD, handler)
 
 
 def survive_stop_signals(worker_id):
@@ -2843,7 +2963,7 @@ def main(args):
     held_out = set(zip(holdout["urls"], holdout["keys"])) if holdout else ()
     train_dataloader = make_train_dataloader(args, tokenizer, held_out, data_resume)
     progress = DataProgress(accelerator, args.dataloader_num_workers, data_resume, urls)
-    stop_requested.interrupt_stalls = accelerator.num_processes == 1
+    stop_requested.agreement = StallAgreement.for_run(accelerator)
     first_step = global_step
 
     def save_state(step):
@@ -2895,18 +3015,23 @@ def main(args):
                     batch = next(batches)
             except StopDuringStall as stop:
                 stopped_by = str(stop)
+                end_workers(batches)
+                # Amid a gradient accumulation, its micro-batches were never applied: the checkpoint keeps neither
+                # their data (see DataProgress.fetched) nor accelerate's count of them, and a resume reads them again.
+                accelerator.step -= accelerator.step % args.gradient_accumulation_steps
                 if global_step > first_step:
                     with meter.paused():
                         save_state(global_step)
                 stop_notice(stopped_by, global_step, saved=global_step > first_step, while_stalled=True)
                 break
-            progress.update(batch)
-            if keys_file:
-                keys_file.writelines(f"{global_step + 1} {batch['consumer']} {key}\n" for key in batch["keys"])
+            progress.fetched(batch)
             finite = train_step(batch, models, noise_scheduler, optimizer, lr_scheduler, encode_prompts, meter,
                                 accelerator, args, weight_dtype)
             if not accelerator.sync_gradients:
                 continue
+            taken = progress.step_taken()
+            if keys_file:
+                keys_file.writelines(f"{global_step + 1} {b['consumer']} {key}\n" for b in taken for key in b["keys"])
             progress_bar.update(1)
             global_step += 1
             nonfinite_streak = 0 if finite else nonfinite_streak + 1
