@@ -24,7 +24,8 @@ ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
 # xdist workers start on long tests and the short ones fill in at the end (no worker left idling behind the other's
 # last long run). The learning runs are the longest of all.
 LONG_RUNNING = ("test_learning.py", "test_sdxl.py", "test_elastic_resume.py", "test_resume.py", "test_train.py",
-                "test_reliability.py", "test_stalls.py", "test_checkpoint_integrity.py", "test_preemption.py")
+                "test_reliability.py", "test_stalls.py", "test_stall_ranks.py", "test_checkpoint_integrity.py",
+                "test_preemption.py")
 
 
 def pytest_collection_modifyitems(items):
