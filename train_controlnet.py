@@ -1162,9 +1162,9 @@ INPUT_IDS = ("input_ids", "input_ids_2")  # the batch's token ids for each text 
 
 
 def token_ids(tokenizer, captions):
-    return tokenizer(
-        captions, max_length=tokenizer.model_max_length, padding="max_length", truncation=True, return_tensors="pt"
-    ).input_ids
+    # No attention mask: the text encoders are called without one, as upstream (it would be a tensor a sample).
+    return tokenizer(captions, max_length=tokenizer.model_max_length, padding="max_length", truncation=True,
+                     return_attention_mask=False, return_tensors="pt").input_ids
 
 
 def model_inputs(batch, args, device):

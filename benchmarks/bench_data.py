@@ -1,7 +1,7 @@
 """Data-path throughput per worker core (one process, one thread), three pipelines side by side in one run.
 
     python benchmarks/bench_data.py [--num_images 200] [--resolution 256] [--condition_resolution 64]
-        [--condition_scales 2 3 4 6 8] [--condition_degradation realesrgan]
+        [--condition_scales 2 3 4 6 8] [--condition_degradation realesrgan] [--against COMMIT]
 
 (a) project: train_controlnet.read_shard -> make_tile_pair -> collate_fn -> the degradation draws (batches of 32):
     what a dataloader worker does
@@ -10,6 +10,8 @@
 (c) limit: reading the tar + full JPEG decode to RGB, nothing else
 
 Prints img/s for each (best of --passes alternating passes after a warm-up pass), then `data_vs_seed` and `data_vs_limit`.
+--against COMMIT adds (a) with train_controlnet.py as of COMMIT (from git), alternated with the others in the same
+run: the current data path against an earlier one, and each against the limit, on the same machine at the same time.
 With a --condition_degradation, the degradation itself runs on the training device (train_controlnet.model_inputs),
 not in the workers; it is timed apart, on this CPU, as `device_side_ms_per_img` (on a GPU: benchmarks/bench_gpu.py).
 Shards are LAION-like: JPEGs (q90) of random crops/rescales of scikit-image's photos, short side 300..975 px
@@ -37,13 +39,14 @@ import webdataset as wds  # noqa: E402
 from PIL import Image  # noqa: E402
 
 import train_controlnet as tc  # noqa: E402
+from common import module_at  # noqa: E402
 from make_shards import write_shards  # noqa: E402  (random crops of make_shards.load_sources' photos)
 from make_tiny_pipeline import save_pipeline  # noqa: E402
 
 BATCH = 32
 
 
-def project_batches(urls, tokenizer, args):
+def project_batches(urls, tokenizer, args, tc=tc):
     rng, batch = random.Random(0), []
     for url in urls:
         for sample in tc.read_shard(url):
@@ -55,8 +58,8 @@ def project_batches(urls, tokenizer, args):
         yield from tc.with_degradation_draws([tc.collate_fn(batch)], args.condition_degradation, rng)
 
 
-def project_pass(urls, tokenizer, args):
-    return sum(len(batch["keys"]) for batch in project_batches(urls, tokenizer, args))
+def project_pass(urls, tokenizer, args, tc=tc):
+    return sum(len(batch["keys"]) for batch in project_batches(urls, tokenizer, args, tc))
 
 
 def device_side_ms_per_img(urls, tokenizer, args):
@@ -129,6 +132,7 @@ def main():
     p.add_argument("--condition_degradation", default="none", choices=sorted(tc.DEGRADATIONS))
     p.add_argument("--passes", type=int, default=5)
     p.add_argument("--only", choices=["project", "seed", "limit"], default=None, help="time one pipeline (profiling)")
+    p.add_argument("--against", default=None, metavar="COMMIT", help="also time (a) as of this commit")
     cli = p.parse_args()
     torch.set_num_threads(1)
 
@@ -151,12 +155,15 @@ def main():
         tokenizer = tc.load_tokenizer(args)
 
         fns = {"project": project_pass, "seed": seed_pass, "limit": limit_pass}
+        if cli.against:
+            then = module_at(cli.against, "train_controlnet.py")
+            fns["then"] = lambda *a: project_pass(*a, tc=then)
         rates = best_rates({k: f for k, f in fns.items() if cli.only in (None, k)}, urls, tokenizer, args,
                            passes=cli.passes)
         print(f"{type(tokenizer).__name__}, {cli.resolution} px, condition {cli.condition_resolution} px, factors"
               f" {args.condition_scales or 'default'}, degradation {args.condition_degradation}, batch {BATCH},"
               f" 1 process x {torch.get_num_threads()} thread, best of {cli.passes} passes")
-        labels = {"project": "(a) project make_tile_pair + collate_fn",
+        labels = {"project": "(a) project make_tile_pair + collate_fn", "then": f"(a) as of {cli.against}",
                   "seed": "(b) seed reference (full decode, 2 resizes)",
                   "limit": "(c) limit: tar read + full JPEG decode"}
         for name, rate in rates.items():
@@ -164,6 +171,9 @@ def main():
         if cli.only is None:
             print(f"data_vs_seed: {rates['project'] / rates['seed']:.2f}")
             print(f"data_vs_limit: {rates['project'] / rates['limit']:.2f}")
+            if cli.against:
+                print(f"data_vs_limit as of {cli.against}: {rates['then'] / rates['limit']:.2f}")
+                print(f"data_vs_{cli.against}: {rates['project'] / rates['then']:.3f}")
             print(f"device_side_ms_per_img (this CPU, 1 thread): {device_side_ms_per_img(urls, tokenizer, args):.2f}")
 
 

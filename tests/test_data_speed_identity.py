@@ -1,6 +1,7 @@
 """The data path's speed work changes no output: the default recipe's tile pairs and batches are, to the last byte,
-those of train_controlnet.py as it was before it (loaded from git): targets, conditions, token ids, time ids, the
-draws left in the rng, on real photos at two resolutions and on the image modes LAION holds."""
+those of train_controlnet.py as it was before it (loaded from git): targets, conditions, token ids (SD's tokenizer
+and SDXL's two), time ids, the draws left in the rng, on real photos at two resolutions and on the image modes LAION
+holds."""
 
 import importlib.util
 import io
@@ -73,6 +74,12 @@ def recipe_args(model, resolution, condition_resolution):
         "--proportion_empty_prompts=0.3"])
 
 
+def family_tokenizers(args, family):
+    """The tokenizer (SD), or SDXL's two in a list, as the trainer loads them."""
+    args.family = family
+    return tc.load_tokenizers(args)
+
+
 def assert_same(ours, theirs, where):
     """Same keys, and each value the same: tensors in values, dtype, shape and layout (strides)."""
     assert ours.keys() == theirs.keys(), where
@@ -85,11 +92,12 @@ def assert_same(ours, theirs, where):
             assert value == theirs[key], (where, key)
 
 
-@pytest.mark.parametrize("resolution, condition_resolution", [(64, 16), (256, 64)])
-def test_default_recipe_pairs_and_batches_are_the_same_bytes(before, tiny_model, shards, resolution,
+@pytest.mark.parametrize("model, resolution, condition_resolution", [
+    ("tiny_model", 64, 16), ("tiny_model", 256, 64), ("tiny_sdxl", 64, 16)])
+def test_default_recipe_pairs_and_batches_are_the_same_bytes(before, request, shards, model, resolution,
                                                              condition_resolution):
-    args = recipe_args(tiny_model, resolution, condition_resolution)
-    tokenizer = tc.load_tokenizer(args)
+    args = recipe_args(request.getfixturevalue(model), resolution, condition_resolution)
+    tokenizer = family_tokenizers(args, "sdxl" if model == "tiny_sdxl" else "sd")
     samples = photo_samples(shards, 12) + other_modes()
     ours_rng, theirs_rng = random.Random(0), random.Random(0)
     ours, theirs = [], []
@@ -106,6 +114,10 @@ def test_default_recipe_pairs_and_batches_are_the_same_bytes(before, tiny_model,
     for ours_inputs, theirs_inputs in zip(tc.model_inputs(ours_batch, args, torch.device("cpu")),
                                           before.model_inputs(theirs_batch, args, torch.device("cpu"))):
         assert torch.equal(ours_inputs, theirs_inputs)
+    for each in tokenizer if isinstance(tokenizer, list) else [tokenizer]:  # PromptEncoder's empty ids, a batch's
+        for captions in ("", [p["caption"] for p in ours]):
+            ours_ids, theirs_ids = tc.token_ids(each, captions), before.token_ids(each, captions)
+            assert ours_ids.dtype == theirs_ids.dtype and torch.equal(ours_ids, theirs_ids)
 
 
 def test_image_to_tensor_is_numpys_view_of_every_pixel():
