@@ -42,7 +42,7 @@ def encoded(image, format, **save):
 
 def other_modes():
     """Raw samples in the modes to_rgb converts (grey and CMYK JPEGs, RGBA and palette PNGs) and a JPEG large
-    enough to be drafted at 1/4 scale, with captions empty, long (truncated) and non-ASCII."""
+    enough to be drafted at 1/4 scale, with captions empty, long (truncated), non-ASCII and naming special tokens."""
     photo = Image.open(ROOT / "conditioning_image_1.png").convert("RGB")
     wide = photo.resize((1100, 700))
     rgba = photo.resize((300, 220)).convert("RGBA")
@@ -56,7 +56,8 @@ def other_modes():
         encoded(palette, "PNG", transparency=0),
         encoded(wide, "JPEG", quality=90),
     ]
-    captions = ["", "a photo " * 60, "café au lait, déjà vu — 東京", "  padded  ", "a wide photo"]
+    captions = ["", "a photo " * 60, "café au lait, déjà vu — 東京", "a <|endoftext|> inside, <|startoftext|>",
+                "a wide photo"]
     return [{"__key__": f"mode{i}", "__url__": "modes.tar", "jpg": data, "txt": caption.encode()}
             for i, (data, caption) in enumerate(zip(images, captions))]
 
