@@ -87,7 +87,7 @@ def assert_same(ours, theirs, where):
     for key, value in ours.items():
         if torch.is_tensor(value):
             other = theirs[key]
-            assert (value.dtype, value.shape, value.stride()) == (other.dtype, other.shape, other.stride()), (where, key)
+            assert (value.dtype, value.shape, value.stride()) == (other.dtype, other.shape, other.stride()), where
             assert torch.equal(value, other), (where, key)
         else:
             assert value == theirs[key], (where, key)
