@@ -42,7 +42,8 @@ def encoded(image, format, **save):
 
 def other_modes():
     """Raw samples in the modes to_rgb converts (grey and CMYK JPEGs, RGBA and palette PNGs) and a JPEG large
-    enough to be drafted at 1/4 scale, with captions empty, long (truncated), non-ASCII and naming special tokens."""
+    enough to be drafted at 1/8 or 1/2 scale, with captions empty, long (truncated), non-ASCII and naming special
+    tokens."""
     photo = Image.open(ROOT / "conditioning_image_1.png").convert("RGB")
     wide = photo.resize((1100, 700))
     rgba = photo.resize((300, 220)).convert("RGBA")
