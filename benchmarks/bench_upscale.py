@@ -473,17 +473,9 @@ def frame_check(bench, controlnet):
 def speed_check(bench, controlnet, commit):
     """s/MP of `generate` in upscale.py as of `commit` and in the current one (strength 1 and --strength), on the
     same loaded pipeline, the runs alternated three times, best of three: ratios that hold on a busy machine."""
-    import importlib.util
-    import subprocess
+    from common import module_at
 
-    source = subprocess.run(["git", "show", f"{commit}:upscale.py"], cwd=ROOT, capture_output=True, text=True,
-                            check=True).stdout
-    path = os.path.join(tempfile.mkdtemp(), "upscale_then.py")
-    with open(path, "w") as f:
-        f.write(source)
-    spec = importlib.util.spec_from_file_location("upscale_then", path)
-    then = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(then)
+    then = module_at(commit, "upscale.py")
     hr = hr_image(bench.hr_width)
     flags = ["--pretrained_model_name_or_path", bench.base, "--controlnet_model_name_or_path", controlnet,
              "--input", held_out_photo(), "--output", os.path.join(tempfile.gettempdir(), "bench_upscale.png"),

@@ -1,4 +1,4 @@
-"""Shared by bench_step.py and bench_gpu.py: model building, the trainer's setup and step, an upstream reference step.
+"""Shared by the benchmarks: model building, the trainer's setup and step, an upstream reference step.
 
 Nothing here asserts a timing; the scripts print figures measured side by side in one run.
 """
@@ -18,6 +18,25 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import train_controlnet as tc  # noqa: E402
+
+
+def module_at(commit, filename):
+    """The project's `filename` (train_controlnet.py, upscale.py) as of `commit`, imported from git as a module of its
+    own: an earlier version timed against the current one in the same run."""
+    import importlib.util
+    import subprocess
+    import tempfile
+
+    source = subprocess.run(["git", "show", f"{commit}:{filename}"], cwd=ROOT, capture_output=True, text=True,
+                            check=True).stdout
+    name = f"{Path(filename).stem}_then"
+    path = os.path.join(tempfile.mkdtemp(), f"{name}.py")
+    with open(path, "w") as f:
+        f.write(source)
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def trainer_args(*extra):
