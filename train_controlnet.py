@@ -634,26 +634,9 @@ def resize(image, size, interpolation):
     return image_to_tensor(pil)
 
 
-def image_to_tensor(image, box=None):
-    """PIL RGB (or RGBA, L) image, its `box` (left, top, right, bottom) or all of it -> uint8 CHW tensor (a view in
-    channels-last layout, which torch's resize kernels read fastest).
-
-    PIL's raw encoder (what Image.tobytes uses) packs the box's pixels straight from the image into one block, and
-    that is copied once into the tensor's writable memory; np.array(image.crop(box)) would copy them four times
-    (the crop, the packing, tobytes' joining of its 64 KB blocks, numpy's copy of those bytes)."""
-    image.load()
-    left, top, right, bottom = box or (0, 0, *image.size)
-    width, height, channels = right - left, bottom - top, len(image.getbands())
-    encoder = Image._getencoder(image.mode, "raw", image.mode)
-    encoder.setimage(image.im, (left, top, right, bottom))
-    blocks, status = [], 0
-    while status == 0:  # once: the block holds every row
-        _, status, block = encoder.encode(max(width * height * channels, width * 4))
-        blocks.append(block)
-    if status < 0:
-        raise OSError(f"PIL's raw encoder failed ({status}) on a {image.mode} image")
-    pixels = bytearray(b"".join(blocks))  # bytes are read-only; a tensor's memory must be writable
-    return torch.frombuffer(pixels, dtype=torch.uint8).view(height, width, channels).permute(2, 0, 1)
+def image_to_tensor(image):
+    """PIL RGB -> uint8 CHW tensor (a view in channels-last layout, which torch's resize kernels read fastest)."""
+    return torch.from_numpy(np.array(image)).permute(2, 0, 1)
 
 
 def quantise(images):
@@ -681,7 +664,7 @@ def square_crop(image, size, interpolation, rng=None, box=None):
     """The image's largest square (`box`, else square_box's) resized to size x size: the same as resizing the short
     side to `size` and cropping, in one resize. -> uint8 CHW tensor."""
     left, top, side = box or square_box(*image.size, rng)
-    return resize(image_to_tensor(image, (left, top, left + side, top + side)), size, interpolation)
+    return resize(image_to_tensor(image.crop((left, top, left + side, top + side))), size, interpolation)
 
 
 def sdxl_time_ids(original_size, box, resolution):
