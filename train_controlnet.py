@@ -2640,6 +2640,8 @@ class StallAgreement:
 
     @classmethod
     def for_run(cls, accelerator):
+        if not torch.distributed.is_available():  # a torch built without it: the stop waits for the logging step
+            return None
         from torch.distributed import HashStore, PrefixStore
 
         if accelerator.num_processes == 1:
@@ -2683,6 +2685,7 @@ class StopRequests:
         self.received, self.wait_started, self.agreement = [], None, None
         self.waits = 0  # batches fetched so far: the number of the wait under way, the same on every rank
         self.posted, self.decided, self.armed, self.told = False, None, False, False  # see check_wait
+        self.busy = False  # check_wait is running: a signal that arrives meanwhile must not post a second time
         for sig in STOP_SIGNALS:
             signal.signal(sig, self.handler)
         signal.signal(signal.SIGALRM, lambda signum, frame: self.check_wait())  # the grace's end, see check_wait
@@ -2701,15 +2704,21 @@ class StopRequests:
         self.check_wait()
 
     def check_wait(self):
-        """In a wait, once a stop has arrived: after the grace, post this rank's stall and poll the decision."""
-        if not (self.agreement and self.received and self.wait_started is not None) or self.decided:
+        """In a wait, once a stop has arrived: after the grace, post this rank's stall and poll the decision.
+        Signal handlers nest: one that comes while this runs (the job-wide signal, then the wrapper's) only records
+        its signal, and this call re-arms the poll."""
+        if self.busy or not (self.agreement and self.received and self.wait_started is not None) or self.decided:
             return
         waited = time.monotonic() - self.wait_started
         if waited < STOP_GRACE:
             self.alarm(STOP_GRACE - waited + 0.01)  # then SIGALRM checks again
             return
-        self.decided = self.agree(self.agreement.decision if self.posted else self.agreement.post)
-        self.posted = True
+        ask = self.agreement.decision if self.posted else self.agreement.post
+        self.busy, self.posted = True, True  # posted before the store hears of it: a post is never repeated
+        try:
+            self.decided = self.agree(ask)
+        finally:
+            self.busy = False
         if self.decided == "stop":
             raise StopDuringStall(self.received[0])
         if self.decided is None:
@@ -2718,14 +2727,14 @@ class StopRequests:
             self.tell_partial_stall()
 
     def agree(self, ask):
-        """One question to the agreement about the wait under way. A store that fails (its host, the launcher, is
-        gone) decides "go": the stop then waits for the next logging step."""
+        """One question to the agreement about the wait under way. A store that fails after this rank posted (or
+        tried to) leaves its count standing, so the others may still decide "stop" while this rank would train on:
+        the rank ends with an error instead, and the launcher ends the group (or restarts it from a checkpoint)."""
         try:
             return ask(self.waits)
         except Exception as exn:
-            logger.warning(f"the ranks could not agree on a stop while waiting for data ({exn!r})")
-            self.agreement = None
-            return "go"
+            raise SystemExit(f"error: the ranks could not agree on a stop while waiting for data ({exn!r}); rerun"
+                             " with --resume_from_checkpoint=latest") from exn
 
     def tell_partial_stall(self):
         if not self.told:

@@ -654,9 +654,10 @@ def encode_prompt(pipe, args, device):
 
 
 def tile_time_ids(tiles, canvas_size, dtype, device):
-    """SDXL's micro-conditioning of each tile, as the Mixture-of-Diffusers SDXL tile pipeline gives it: the canvas
-    (height, width) as the original size, the tile's (top, left) in it as the crop, and its size as the target. A
-    whole-canvas tile is the plain pipeline's (size, (0, 0), size). Tiles in latent units, sizes in pixels."""
+    """SDXL's micro-conditioning of each tile, in what the three mean in SDXL's training: the canvas (height, width)
+    (padded to whole latent cells) as the original size, the tile's (top, left) in it as the crop, and its size as
+    the target. A whole-canvas tile is the plain pipeline's (size, (0, 0), size). Tiles in latent units, sizes in
+    pixels."""
     rows = [[*canvas_size, top * LATENT_FACTOR, left * LATENT_FACTOR, h * LATENT_FACTOR, w * LATENT_FACTOR]
             for top, left, h, w in tiles]
     return torch.tensor(rows, dtype=dtype, device=device)

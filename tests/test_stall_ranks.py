@@ -113,6 +113,36 @@ def test_a_rank_whose_data_comes_after_the_stop_drops_its_batch_and_stops(stop_r
     assert trained == [] and a.waits == b.waits == 0  # neither took a batch into the step
 
 
+def test_a_second_stop_signal_during_the_post_does_not_count_the_rank_twice(stop_requests):
+    """SLURM signals every process and scripts/preemptible.sh then signals each rank again: the second handler can
+    run inside the first one's store call, and must not post this rank's stall again (2 posts of 2 with one rank
+    stalled would stop it alone while the other trains)."""
+    a, _ = stop_requests
+    post = a.agreement.post
+
+    def post_with_a_second_signal_inside(wait):
+        a.handler(signal.SIGTERM, None)  # the interpreter runs a handler that arrives meanwhile right here
+        return post(wait)
+
+    a.agreement.post = post_with_a_second_signal_inside
+    with a.waiting():
+        assert a.decided is None  # one of two ranks stalled: nothing decided yet
+    assert a.agreement.store.get("0/stalled") == b"1" and a.decided == "go"
+
+
+def test_a_store_that_fails_after_the_post_ends_the_rank_instead_of_training_on(stop_requests):
+    """The post may have counted: going on could leave this rank training while the others save. An error ends it,
+    and the launcher ends (or restarts) the group."""
+    a, _ = stop_requests
+
+    def failing_post(wait):
+        raise RuntimeError("Connection reset by peer")
+
+    a.agreement.post = failing_post
+    with pytest.raises(SystemExit, match="could not agree on a stop while waiting for data"), a.waiting():
+        pass
+
+
 def test_a_rank_whose_data_comes_first_makes_every_rank_go_on(stop_requests):
     a, b = stop_requests
     with a.waiting():  # a posts, then its batch comes
