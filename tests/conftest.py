@@ -105,6 +105,18 @@ def two_step_run(tiny_model, shards, tmp_path_factory):
     return built_once(tmp_path_factory, "two-step-run", build)
 
 
+def module_at(commit, filename):
+    """The project's `filename` as of `commit` (benchmarks/common.module_at), imported from git as a module of its
+    own; the test is skipped, saying why, where this checkout's history lacks the commit."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from common import module_at as load
+
+    try:
+        return load(commit, filename)
+    except (OSError, subprocess.CalledProcessError) as exn:
+        pytest.skip(f"{filename} of {commit} is not in this checkout's git history ({exn})")
+
+
 def run_cli(args, cwd, num_processes=1, env=None, timeout=300, launch_args=(), preexec_fn=None):
     """Run train_controlnet.py through `accelerate launch` exactly as a user would; return the finished process."""
     full_env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **(env or {})}

@@ -3,35 +3,23 @@ those of train_controlnet.py as it was before it (loaded from git): targets, con
 and SDXL's two), time ids, the draws left in the rng, on real photos at two resolutions and on the image modes LAION
 holds."""
 
-import importlib.util
 import io
 import random
-import subprocess
 
 import pytest
 import torch
 from PIL import Image
 
 import train_controlnet as tc
-from conftest import ROOT
+from conftest import ROOT, module_at
 
 BEFORE_SPEED_WORK = "9da47bd"  # the last commit whose data path tokenised through the transformers wrapper
 
 
 @pytest.fixture(scope="module")
-def before(tmp_path_factory):
+def before():
     """train_controlnet.py of BEFORE_SPEED_WORK, imported from git as a module of its own."""
-    try:
-        source = subprocess.run(["git", "show", f"{BEFORE_SPEED_WORK}:train_controlnet.py"], cwd=ROOT,
-                                capture_output=True, check=True, text=True).stdout
-    except (OSError, subprocess.CalledProcessError) as exn:
-        pytest.skip(f"train_controlnet.py of {BEFORE_SPEED_WORK} is not in this checkout's git history ({exn})")
-    path = tmp_path_factory.mktemp("before") / "train_controlnet_before_speed_work.py"
-    path.write_text(source)
-    spec = importlib.util.spec_from_file_location("train_controlnet_before_speed_work", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return module_at(BEFORE_SPEED_WORK, "train_controlnet.py")
 
 
 def encoded(image, format, **save):

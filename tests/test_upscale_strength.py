@@ -2,15 +2,13 @@
 is diffusers' StableDiffusionControlNetImg2ImgPipeline; stochastic samplers follow the seed; the tiled VAE round
 trip has no seam and no frame; a non-finite tile decode is redone in float32. On the tiny models of test_upscale."""
 
-import importlib.util
 import logging
-import subprocess
 
 import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT
+from conftest import module_at
 from test_upscale import (cli, controlnet_dir, gradient_image, one_thread, photo, pipeline,  # noqa: F401
                           trained_pipeline, write_image)
 
@@ -20,26 +18,11 @@ import upscale as up
 BEFORE_STRENGTH = "a4e7cb7"  # the last commit whose upscale.py always started from pure noise
 
 
-def old_upscale(tmp_path):
-    """upscale.py as it was before --strength, imported from git as a module of its own."""
-    try:
-        source = subprocess.run(["git", "show", f"{BEFORE_STRENGTH}:upscale.py"], cwd=ROOT, capture_output=True,
-                                check=True, text=True).stdout
-    except (OSError, subprocess.CalledProcessError) as exn:
-        pytest.skip(f"upscale.py of {BEFORE_STRENGTH} is not in this checkout's git history ({exn})")
-    path = tmp_path / "upscale_before_strength.py"
-    path.write_text(source)
-    spec = importlib.util.spec_from_file_location("upscale_before_strength", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_strength_1_is_the_code_before_strength(tiny_model, controlnet_dir, pipeline, photo, tmp_path, monkeypatch):
     """Same pipeline, same flags, several tiles: the same image to the last bit once the tile margin (the frame fix,
     which changes only the decode) is off."""
     pipe, _ = pipeline
-    old = old_upscale(tmp_path)
+    old = module_at(BEFORE_STRENGTH, "upscale.py")
     image = Image.open(photo).resize((24, 20))  # 96x80: 2x2 tiles
     flags = cli(tiny_model, controlnet_dir, photo, tmp_path / "x.png", "--num_inference_steps", "3", "--seed", "3")
     old_flags = flags[:flags.index("--strength")] + flags[flags.index("--strength") + 2:]
