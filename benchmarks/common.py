@@ -119,8 +119,7 @@ def make_batches(n, batch_size, resolution, tokenizer, seed=0):
     batches = []
     for i in range(n):
         caps = [captions[(i + j) % len(captions)] for j in range(batch_size)]
-        ids = [t(caps, max_length=t.model_max_length, padding="max_length", truncation=True,
-                 return_tensors="pt").input_ids for t in tokenizers]
+        ids = [tc.token_ids(t, caps) for t in tokenizers]
         images = torch.randint(0, 256, (2, batch_size, 3, resolution, resolution), generator=g, dtype=torch.uint8)
         batch = {
             "pixel_values": images[0],
